@@ -1,0 +1,27 @@
+"""shardserve's Ray Serve side. The public surface is small and re-exported here."""
+
+from deployments.config import EngineConfig, LimitsConfig, ShardserveArgs
+from deployments.errors import ShardserveError
+from deployments.types import (
+    ChatMessage,
+    CompletionOutput,
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    Usage,
+)
+
+__all__ = [
+    "ChatMessage",
+    "CompletionOutput",
+    "EngineConfig",
+    "GenerateChunk",
+    "GenerateRequest",
+    "GenerateResponse",
+    "LimitsConfig",
+    "ModelCard",
+    "ShardserveArgs",
+    "ShardserveError",
+    "Usage",
+]

@@ -1,0 +1,1 @@
+"""HTTP APIs of the ingress: OpenAI-compatible and TensorFlow-Serving-style routes."""

@@ -1,0 +1,183 @@
+"""TensorFlow-Serving-style REST routes, for the clients built against TF Serving.
+
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]            model version status
+    GET  /v1/models/{name}[/versions/{v}|/labels/{l}]/metadata   model metadata
+    POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict    generate
+
+The row format (`instances`) answers `predictions`, the columnar format (`inputs`) answers
+`outputs`, as TF Serving does. Errors are `{"error": "..."}`. The plain status route also carries
+OpenAI's model fields (`id`, `object`, ...), since `GET /v1/models/{name}` is both APIs' route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.api.openai_routes import Backend, model_object
+from deployments.errors import InvalidRequest, ModelNotFound
+from deployments.types import GenerateRequest, GenerateResponse, ModelCard
+
+
+class PredictParameters(BaseModel):
+    """Generation settings for :predict (an extension: TF Serving has no such thing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    signature_name: str | None = None
+    instances: list[str | dict[str, Any]] | None = None
+    inputs: str | list[str] | dict[str, Any] | None = None
+    parameters: PredictParameters = PredictParameters()
+
+    def texts(self) -> tuple[list[str], str]:
+        """The prompts and the response key (`predictions` or `outputs`)."""
+        if (self.instances is None) == (self.inputs is None):
+            raise InvalidRequest("give exactly one of 'instances' or 'inputs'")
+        if self.instances is not None:
+            texts = [i if isinstance(i, str) else _text_field(i) for i in self.instances]
+            key = "predictions"
+        else:
+            raw = self.inputs["text"] if isinstance(self.inputs, dict) and "text" in self.inputs else self.inputs
+            texts = [raw] if isinstance(raw, str) else raw  # type: ignore[assignment]
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                raise InvalidRequest("'inputs' must be a string, a list of strings, or {\"text\": ...}")
+            key = "outputs"
+        if not texts:
+            raise InvalidRequest("no instances given")
+        if any(not t for t in texts):
+            raise InvalidRequest("instance text must not be empty")
+        return texts, key
+
+
+def _text_field(instance: dict[str, Any]) -> str:
+    text = instance.get("text", instance.get("prompt"))
+    if not isinstance(text, str):
+        raise InvalidRequest("each instance needs a string field 'text'")
+    return text
+
+
+def _status(card: ModelCard) -> dict[str, Any]:
+    return {
+        "model_version_status": [
+            {
+                "version": str(card.version),
+                "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""},
+            }
+        ]
+    }
+
+
+def register(app: FastAPI, backend: Backend) -> None:
+    async def card_for(name: str, version: str | None, label: str | None) -> ModelCard:
+        if name != backend.model_name:
+            raise ModelNotFound(f"Servable not found for request: Latest({name})")
+        card = await backend.model_card()
+        if version is not None and version != str(card.version):
+            raise ModelNotFound(f"Servable not found for request: Specific({name}, {version})")
+        if label is not None:
+            raise ModelNotFound(f"Unrecognized servable version label: {label}")
+        return card
+
+    async def predict(name: str, version: str | None, label: str | None, body: PredictRequest) -> dict[str, Any]:
+        card = await card_for(name, version, label)
+        texts, key = body.texts()
+        if len(texts) > backend.max_prompts:
+            raise InvalidRequest(f"at most {backend.max_prompts} instances per request")
+        params = body.parameters.model_dump()
+        responses: list[GenerateResponse] = await asyncio.gather(
+            *(backend.generate(GenerateRequest(prompt=t, **params)) for t in texts)
+        )
+        predictions = [
+            {
+                "text": r.outputs[0].text,
+                "prompt_tokens": r.usage.prompt_tokens,
+                "completion_tokens": r.usage.completion_tokens,
+                "finish_reason": r.outputs[0].finish_reason,
+            }
+            for r in responses
+        ]
+        return {key: predictions, "model_spec": {"name": name, "version": str(card.version)}}
+
+    async def metadata(name: str, version: str | None, label: str | None) -> dict[str, Any]:
+        card = await card_for(name, version, label)
+        return {
+            "model_spec": {"name": name, "signature_name": "", "version": str(card.version)},
+            "metadata": {
+                "signature_def": {
+                    "signature_def": {
+                        "serving_default": {
+                            "inputs": {
+                                "text": {
+                                    "dtype": "DT_STRING",
+                                    "tensor_shape": {"dim": [{"size": "-1"}]},
+                                    "name": "text",
+                                }
+                            },
+                            "outputs": {
+                                "text": {
+                                    "dtype": "DT_STRING",
+                                    "tensor_shape": {"dim": [{"size": "-1"}]},
+                                    "name": "text",
+                                }
+                            },
+                            "method_name": "tensorflow/serving/predict",
+                        }
+                    }
+                },
+                "model": {
+                    "source": card.source,
+                    "max_model_len": card.max_model_len,
+                    "vocab_size": card.vocab_size,
+                    "num_parameters": card.num_parameters,
+                    "dtype": card.dtype,
+                },
+            },
+        }
+
+    @app.get("/v1/models/{name}")
+    async def model_status(name: str) -> dict[str, Any]:
+        card = await card_for(name, None, None)
+        return {**model_object(card), **_status(card)}
+
+    @app.get("/v1/models/{name}/versions/{version}")
+    async def model_version_status(name: str, version: str) -> dict[str, Any]:
+        return _status(await card_for(name, version, None))
+
+    @app.get("/v1/models/{name}/labels/{label}")
+    async def model_label_status(name: str, label: str) -> dict[str, Any]:
+        return _status(await card_for(name, None, label))
+
+    @app.get("/v1/models/{name}/metadata")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        return await metadata(name, None, None)
+
+    @app.get("/v1/models/{name}/versions/{version}/metadata")
+    async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
+        return await metadata(name, version, None)
+
+    @app.post("/v1/models/{name}:predict")
+    async def model_predict(name: str, body: PredictRequest) -> dict[str, Any]:
+        return await predict(name, None, None, body)
+
+    @app.post("/v1/models/{name}/versions/{version}:predict")
+    async def model_version_predict(name: str, version: str, body: PredictRequest) -> dict[str, Any]:
+        return await predict(name, version, None, body)
+
+    @app.post("/v1/models/{name}/labels/{label}:predict")
+    async def model_label_predict(name: str, label: str, body: PredictRequest) -> dict[str, Any]:
+        return await predict(name, None, label, body)

@@ -1,0 +1,43 @@
+"""The `import_path` target of serve_config.yaml: validates args and binds the deployments.
+
+Deployment options given here are the defaults; the `deployments:` section of serve_config.yaml
+overrides them (autoscaling, resources, ...), as with any Ray Serve application.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from deployments.config import ShardserveArgs
+from deployments.ingress import Ingress
+from deployments.llm_server import LLMServer
+
+
+def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
+    """Replica options computed from the config, in one place.
+
+    The engine batches, so Serve may send a replica as many requests as it can run plus queue;
+    the engine's own bounded queue answers 503 beyond that.
+    """
+    return {
+        "name": "LLMServer",
+        "max_ongoing_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+        "ray_actor_options": {"num_cpus": 1},
+    }
+
+
+def build_app(args: dict[str, Any] | ShardserveArgs | None = None) -> Application:
+    """Build the shardserve application; raises pydantic.ValidationError naming a bad field."""
+    config = args if isinstance(args, ShardserveArgs) else ShardserveArgs.model_validate(args or {})
+    llm = serve.deployment(LLMServer).options(**llm_server_options(config)).bind(config)
+    ingress = serve.deployment(Ingress).options(
+        name="Ingress",
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(llm, config)

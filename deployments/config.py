@@ -1,0 +1,110 @@
+"""Everything shardserve adds to serve_config.yaml, under `applications[].args`.
+
+Declared once, here. `build_app` validates the args with these models, so a typo or a bad value
+fails `serve run` at once with the field's name. Autoscaling, replica resources and other
+deployment options stay in the `deployments:` section, where Ray Serve validates them itself.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from parallel.loading import ModelSpec
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, docstrings become the reference."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class EngineConfig(StrictModel):
+    """Limits of the generation engine in one replica."""
+
+    max_num_seqs: int = Field(default=32, ge=1, le=4096)
+    """Most sequences generated together in one step (the running batch)."""
+
+    max_waiting_requests: int = Field(default=128, ge=0)
+    """Bounded queue of admitted-but-not-running requests; beyond it requests get 503 at once."""
+
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    """A request still generating after this many seconds is ended with 504."""
+
+
+class LimitsConfig(StrictModel):
+    """Bounds on what one request may ask for; each violation is a 4xx naming the field."""
+
+    max_request_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """Largest HTTP body accepted; larger ones get 413 before they are parsed."""
+
+    max_n: int = Field(default=8, ge=1)
+    """Most completions per prompt (`n`)."""
+
+    max_prompts: int = Field(default=32, ge=1)
+    """Most prompts in one request (`prompt` as a list, TF-Serving `instances`)."""
+
+    max_stop_sequences: int = Field(default=8, ge=0)
+    """Most stop strings per request."""
+
+    max_messages: int = Field(default=256, ge=1)
+    """Most chat messages per request."""
+
+    max_logprobs: int = Field(default=5, ge=0)
+    """Most alternatives per token in `logprobs` / `top_logprobs`."""
+
+
+class ShardserveArgs(StrictModel):
+    """The `args:` of a shardserve application in serve_config.yaml."""
+
+    model: str = "shardserve/tiny-llama"
+    """Built-in model name (`shardserve/tiny-llama`, `shardserve/bench-llama`), a local Hugging
+    Face model directory, or a hub id. Weights are loaded from safetensors only."""
+
+    served_model_name: str | None = None
+    """Name clients use in `model` fields and URLs; defaults to the last part of `model`."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `model` is a hub id."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight and activation dtype. CPUs want float32; GPUs bfloat16."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the model runs."""
+
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the checkpoint to run. Off: it executes arbitrary code."""
+
+    max_model_len: int | None = Field(default=None, ge=16)
+    """Context window (prompt + generated tokens); defaults to the model's own."""
+
+    model_version: int = Field(default=1, ge=1)
+    """Version number reported by the TF-Serving status routes."""
+
+    engine: EngineConfig = EngineConfig()
+    """Generation engine limits."""
+
+    limits: LimitsConfig = LimitsConfig()
+    """Per-request bounds."""
+
+    @model_validator(mode="after")
+    def _cuda_dtype(self) -> ShardserveArgs:
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ValueError("dtype float16 is not supported on device cpu; use float32 or bfloat16")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(
+            model=self.model,
+            revision=self.revision,
+            dtype=self.dtype,
+            trust_remote_code=self.trust_remote_code,
+            max_model_len=self.max_model_len,
+            device=self.device,
+        )

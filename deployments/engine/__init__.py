@@ -1,0 +1,1 @@
+"""The generation engine: scheduling over a ModelRunner, and turning tokens into text."""

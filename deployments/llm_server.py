@@ -1,0 +1,280 @@
+"""LLMServer: one replica holds one copy of the model, its tokenizer and its engine.
+
+Its public methods are the Python API behind every route: `generate` (whole answer),
+`generate_stream` (chunks as tokens arrive), `model_card`, `tokenize`. Requests are validated
+here, where the tokenizer and the context window are known, and fail with ShardserveError
+subclasses that the ingress maps to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from transformers import AutoTokenizer
+
+from deployments.config import ShardserveArgs
+from deployments.engine.engine import LLMEngine
+from deployments.engine.output import OutputText, to_token_logprob
+from deployments.errors import InvalidRequest, RequestTimeout
+from deployments.types import (
+    CompletionOutput,
+    EngineStats,
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    TokenLogprob,
+    Usage,
+)
+from parallel.loading import resolve_model_dir
+from parallel.local_runner import LocalModelRunner
+from parallel.runner import SamplingSpec
+
+logger = logging.getLogger("ray.serve")
+
+
+class LLMServer:
+    def __init__(self, args: ShardserveArgs) -> None:
+        self._args = args
+        model_dir = resolve_model_dir(args.model, args.revision)
+        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        self._runner = LocalModelRunner(args.model_spec())
+        self._info = self._runner.load()
+        self._engine = LLMEngine(self._runner, self._info, args.engine)
+        self._created = int(time.time())
+
+    # ---- Python API -------------------------------------------------------------------------
+
+    async def model_card(self) -> ModelCard:
+        return ModelCard(
+            name=self._args.model_name,
+            version=self._args.model_version,
+            source=self._args.model,
+            max_model_len=self._info.max_model_len,
+            vocab_size=self._info.vocab_size,
+            num_parameters=self._info.num_parameters,
+            dtype=self._info.dtype,
+            created=self._created,
+        )
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """Generate every output of the request and return them whole."""
+        request_id = _new_request_id()
+        prompt, prompt_ids, max_tokens = self._prepare(request)
+        outputs: dict[int, dict] = {
+            i: {"text": [], "ids": [], "logprobs": [] if request.logprobs is not None else None}
+            for i in range(request.n)
+        }
+        finish: dict[int, str] = {}
+        async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
+            out = outputs[chunk.index]
+            out["text"].append(chunk.text)
+            out["ids"].extend(chunk.token_ids)
+            if chunk.logprobs is not None:
+                out["logprobs"].extend(chunk.logprobs)
+            if chunk.finish_reason is not None:
+                finish[chunk.index] = chunk.finish_reason
+        echo = prompt if request.echo else ""
+        completions = [
+            CompletionOutput(
+                index=i,
+                text=echo + "".join(o["text"]),
+                token_ids=o["ids"],
+                finish_reason=finish[i],
+                logprobs=o["logprobs"],
+            )
+            for i, o in outputs.items()
+        ]
+        generated = sum(len(c.token_ids) for c in completions)
+        return GenerateResponse(
+            request_id=request_id,
+            model=self._args.model_name,
+            created=int(time.time()),
+            prompt=prompt,
+            prompt_token_ids=prompt_ids,
+            outputs=completions,
+            usage=Usage(
+                prompt_tokens=len(prompt_ids), completion_tokens=generated, total_tokens=len(prompt_ids) + generated
+            ),
+        )
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Yield chunks as text becomes available; the first chunk of each output comes as soon
+        as its first token is sampled. Validation errors are raised before the first chunk."""
+        request_id = _new_request_id()
+        prompt, prompt_ids, max_tokens = self._prepare(request)
+        if request.echo:
+            for i in range(request.n):
+                yield GenerateChunk(
+                    request_id=request_id,
+                    index=i,
+                    text=prompt,
+                    token_ids=[],
+                    prompt_tokens=len(prompt_ids),
+                    completion_tokens=0,
+                )
+        async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
+            yield chunk
+
+    async def engine_stats(self) -> EngineStats:
+        return EngineStats(num_running=self._engine.num_running, num_waiting=self._engine.num_waiting)
+
+    async def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy."""
+        self._engine.health()
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _prepare(self, request: GenerateRequest) -> tuple[str, list[int], int]:
+        """Tokenize and check the request against the context window and the limits."""
+        limits = self._args.limits
+        if request.n > limits.max_n:
+            raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
+        if len(request.stop) > limits.max_stop_sequences:
+            raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+        if request.logprobs is not None and request.logprobs > limits.max_logprobs:
+            raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
+        if request.messages is not None:
+            if not request.messages:
+                raise InvalidRequest("messages must not be empty", param="messages")
+            if len(request.messages) > limits.max_messages:
+                raise InvalidRequest(f"at most {limits.max_messages} messages are allowed", param="messages")
+            turns = [{"role": m.role, "content": m.text()} for m in request.messages]
+            prompt = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
+        elif request.prompt_token_ids is not None:
+            prompt_ids = list(request.prompt_token_ids)
+            bad = [t for t in prompt_ids if not 0 <= t < self._info.vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
+            prompt = self._tokenizer.decode(prompt_ids)
+        else:
+            prompt = request.prompt or ""
+            prompt_ids = self._tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise InvalidRequest("prompt must not be empty", param="prompt" if request.messages is None else "messages")
+        window = self._info.max_model_len
+        if len(prompt_ids) >= window:
+            raise InvalidRequest(
+                f"prompt is {len(prompt_ids)} tokens; the context window is {window} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        max_tokens = request.max_tokens if request.max_tokens is not None else window - len(prompt_ids)
+        if len(prompt_ids) + max_tokens > window:
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"context window of {window} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return prompt, prompt_ids, max_tokens
+
+    async def _run(
+        self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int
+    ) -> AsyncIterator[GenerateChunk]:
+        """Run the request's n sequences and merge their chunks as they come."""
+        base_seed = request.seed if request.seed is not None else random.getrandbits(62)
+        seqs = [
+            self._engine.add(
+                prompt_ids,
+                SamplingSpec(
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    top_k=max(request.top_k, 0),
+                    seed=base_seed + i,
+                    logprobs=request.logprobs,
+                ),
+                max_tokens,
+                request.ignore_eos,
+            )
+            for i in range(request.n)
+        ]
+        merged: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for chunk in self._stream_one(request, request_id, index, seqs[index], len(prompt_ids)):
+                    await merged.put(chunk)
+                await merged.put(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises
+                await merged.put(exc)
+
+        pumps = [asyncio.create_task(pump(i)) for i in range(len(seqs))]
+        remaining = len(seqs)
+        deadline = asyncio.get_running_loop().time() + self._args.engine.request_timeout_s
+        try:
+            while remaining:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    item = await asyncio.wait_for(merged.get(), timeout=max(timeout, 0))
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"request did not finish within request_timeout_s={self._args.engine.request_timeout_s}",
+                        code="timeout",
+                    ) from None
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in pumps:
+                task.cancel()
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    self._engine.abort(seq)
+
+    async def _stream_one(
+        self, request: GenerateRequest, request_id: str, index: int, seq, prompt_tokens: int
+    ) -> AsyncIterator[GenerateChunk]:
+        text = OutputText(self._tokenizer, request.stop)
+        pending_ids: list[int] = []
+        pending_lp: list[TokenLogprob] = []
+        async for tok in self._engine.stream(seq):
+            pending_ids.append(tok.token_id)
+            if request.logprobs is not None:
+                pending_lp.append(to_token_logprob(self._tokenizer, tok))
+            is_eos = tok.token_id in seq.stop_token_ids
+            if is_eos:
+                delta = text.finish()
+            else:
+                delta = text.feed(tok.token_id, final=False)
+            if text.stopped or is_eos:
+                self._engine.abort(seq)
+                yield self._chunk(
+                    request_id, index, delta, pending_ids, pending_lp, request, "stop", prompt_tokens, seq
+                )
+                return
+            if delta or request.logprobs is not None:
+                yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, None, prompt_tokens, seq)
+                pending_ids, pending_lp = [], []
+        # The engine ended the sequence on length (or it was aborted by the consumer).
+        delta = text.finish()
+        yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, "length", prompt_tokens, seq)
+
+    @staticmethod
+    def _chunk(request_id, index, delta, ids, lps, request, finish, prompt_tokens, seq) -> GenerateChunk:
+        return GenerateChunk(
+            request_id=request_id,
+            index=index,
+            text=delta,
+            token_ids=list(ids),
+            finish_reason=finish,
+            logprobs=list(lps) if request.logprobs is not None else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(seq.output_ids),
+        )
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,131 @@
+"""Typed requests and responses of the Python handle API (and the engine's output).
+
+`await handle.generate.remote(GenerateRequest(...))` returns a GenerateResponse;
+`handle.options(stream=True).generate_stream.remote(...)` yields GenerateChunk objects. The HTTP
+routes translate OpenAI and TF-Serving bodies into these, so both paths run the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        """Plain text of the message; OpenAI content parts of type `text` are joined."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+
+
+class GenerateRequest(BaseModel):
+    """One prompt (text, token ids, or chat messages) and how to continue it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    """Text to continue."""
+    prompt_token_ids: list[int] | None = None
+    """Token ids to continue, instead of `prompt`."""
+    messages: list[ChatMessage] | None = None
+    """Chat turns, rendered through the model's chat template, instead of `prompt`."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens to generate; None: up to the end of the context window."""
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    """0 is greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)
+    """0 or -1: no top-k truncation."""
+    seed: int | None = None
+    """Makes sampled output reproducible."""
+    stop: list[str] = Field(default_factory=list)
+    """Generation ends before the first occurrence of any of these strings."""
+    ignore_eos: bool = False
+    n: int = Field(default=1, ge=1)
+    logprobs: int | None = Field(default=None, ge=0)
+    """Return the sampled token's log-probability and this many top alternatives."""
+    echo: bool = False
+    """Prepend the prompt to the returned text."""
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        given = [x is not None for x in (self.prompt, self.prompt_token_ids, self.messages)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
+        return self
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[tuple[str, float]] = Field(default_factory=list)
+
+
+class CompletionOutput(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    model: str
+    created: int
+    prompt: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    usage: Usage
+
+
+class GenerateChunk(BaseModel):
+    """A piece of one output of a streamed generation; the last piece has finish_reason set."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far for this output."""
+
+
+class ModelCard(BaseModel):
+    """What a replica serves; backs /v1/models and the TF-Serving status routes."""
+
+    name: str
+    version: int
+    source: str
+    max_model_len: int
+    vocab_size: int
+    num_parameters: int
+    dtype: str
+    created: int
+
+
+class EngineStats(BaseModel):
+    """A replica engine's load, for monitoring and tests."""
+
+    num_running: int
+    num_waiting: int

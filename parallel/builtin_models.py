@@ -1,0 +1,188 @@
+"""Built-in models that the project generates itself, so that everything runs offline.
+
+No weights can be downloaded on the machines shardserve is developed and tested on, so the
+embedded default is a small Llama-architecture model with random weights, created from a fixed
+seed together with its own byte-level BPE tokenizer and chat template. It is written as an
+ordinary Hugging Face directory (config.json, model.safetensors, tokenizer files) and loaded
+through exactly the same code as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "shardserve/"
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# A Jinja chat template in the style of Zephyr/Phi: each turn is `<|role|>\n{content}<|end|>\n`.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her they this which be are "
+    "model server request token batch cache layer shard tensor pipeline replica cluster ray "
+    "serve deploy scale query answer prompt system user assistant hello world data time "
+    "first second next last small large fast slow good new old one two three four five "
+    "what how why when where who can will would should could may might must do does did "
+    "water light river mountain city market window garden music story paper number letter"
+).split()
+
+
+@dataclass(frozen=True)
+class BuiltinModelSpec:
+    """Shape of a generated Llama model; every field changes the weights, so all go in the hash."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + CHAT_TEMPLATE + "v1"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
+    # The embedded default and the test model: tiny, fast on 2 CPU cores.
+    "shardserve/tiny-llama": BuiltinModelSpec(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        max_position_embeddings=1024,
+    ),
+    # Large enough that compute matters in benchmarks (~30M parameters).
+    "shardserve/bench-llama": BuiltinModelSpec(
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        vocab_size=8192,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def is_builtin(model: str) -> bool:
+    return model in BUILTIN_MODELS
+
+
+def default_cache_dir() -> Path:
+    """Where generated models live; `SHARDSERVE_CACHE` overrides `~/.cache/shardserve`."""
+    root = os.environ.get("SHARDSERVE_CACHE") or Path.home() / ".cache" / "shardserve"
+    return Path(root) / "models"
+
+
+def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the directory of a built-in model, generating it first if it is missing.
+
+    Generation writes to a temporary directory and renames it into place, so concurrent replicas
+    (or a crash half-way) never see a partial model.
+    """
+    spec = BUILTIN_MODELS[name]
+    target = (cache_dir or default_cache_dir()) / f"{name.split('/', 1)[1]}-{spec.fingerprint()}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("generating built-in model %s into %s", name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=".gen-", dir=target.parent))
+    try:
+        _write_tokenizer(spec, tmp)
+        _write_model(spec, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("built-in model %s ready", name)
+    return target
+
+
+def _training_corpus(seed: int, lines: int = 2000) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+        words[0] = words[0].capitalize()
+        out.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
+    return out
+
+
+def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(spec.seed), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = spec.max_position_embeddings
+    fast.save_pretrained(out)
+
+
+def _write_model(spec: BuiltinModelSpec, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform logits; a larger scale makes greedy choices well separated,
+    # so that tp/pp sharded runs compare exact tokens without ties decided by rounding.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)

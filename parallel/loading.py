@@ -1,0 +1,72 @@
+"""Finding and loading checkpoints: built-in generated models, local directories, hub ids.
+
+Weights load only from safetensors. A pickle checkpoint (`*.bin`, `*.pt`) can run arbitrary code
+when unpickled, so a directory that has no safetensors is refused rather than falling back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from parallel.builtin_models import ensure_builtin_model, is_builtin
+
+logger = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the model side needs to load a model (built by deployments/config.py)."""
+
+    model: str
+    revision: str | None
+    dtype: str
+    trust_remote_code: bool
+    max_model_len: int | None
+    device: str
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """Turn `model:` from the config into a local directory holding safetensors weights."""
+    if is_builtin(model):
+        return ensure_builtin_model(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {model!r} is not a directory")
+        _require_safetensors(path)
+        return path
+    if model.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory {model!r} does not exist")
+    return _download_from_hub(model, revision)
+
+
+def _require_safetensors(path: Path) -> None:
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
+        hint = f" (found pickle weights {pickles}; convert them to safetensors)" if pickles else ""
+        raise ModelLoadError(f"{path} has no *.safetensors weights{hint}; only safetensors are loaded")
+
+
+def _download_from_hub(model_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(model_id, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # offline, unknown id, gated repo: all end the load the same way
+        raise ModelLoadError(
+            f"model {model_id!r} is neither a built-in model, nor a local directory, nor "
+            f"downloadable from the Hugging Face hub ({type(exc).__name__}: {exc})"
+        ) from exc
+    path = Path(local)
+    _require_safetensors(path)
+    return path

@@ -1,0 +1,106 @@
+"""One real Ray + Ray Serve for the whole test session, serving the tiny built-in model.
+
+Integration tests talk to it over HTTP on loopback (httpx, the official openai client) and
+through Serve handles. Unit tests do not use these fixtures and need no Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+APP_NAME = "shardserve"
+TEST_ARGS: dict[str, Any] = {
+    "model": "shardserve/tiny-llama",
+    "served_model_name": "tiny-llama",
+    "max_model_len": 256,
+    "engine": {"max_num_seqs": 8, "max_waiting_requests": 8},
+    "limits": {"max_request_body_bytes": 65536, "max_n": 4},
+}
+
+
+def free_port(preferred: int | None = None) -> int:
+    if preferred is not None:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s: float = 0.05) -> Any:
+    """Poll until predicate() is truthy; fail the test with a clear message at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s: {predicate}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster: None) -> Iterator[str]:
+    """Base URL of the shardserve app (real Serve proxy on 127.0.0.1)."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port(8000)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(TEST_ARGS), name=APP_NAME, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _ready(httpx, base), timeout_s=120)
+    yield base
+    serve.shutdown()
+
+
+def _ready(httpx: Any, base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def http(server: str) -> Iterator[Any]:
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def openai_client(server: str) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture()
+def engine_stats(server: str) -> Callable[[], Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    return lambda: handle.engine_stats.remote().result(timeout_s=10)
