@@ -108,3 +108,23 @@ class ShardserveArgs(StrictModel):
             max_model_len=self.max_model_len,
             device=self.device,
         )
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference, generated from the models above (tests keep it in sync)."""
+    rows = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[StrictModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, StrictModel):
+                walk(annotation, f"{prefix}{name}.")
+                continue
+            kind = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            kind = kind.replace("|", "\\|")
+            default = repr(field.default)
+            doc = " ".join((field.description or "").split()).replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{kind}` | `{default}` | {doc} |")
+
+    walk(ShardserveArgs, "")
+    return "\n".join(rows)

@@ -1,0 +1,39 @@
+"""A client that goes away, and requests the engine must refuse, leave the replica serving."""
+
+from __future__ import annotations
+
+import socket
+
+from .conftest import wait_until
+
+
+def test_disconnect_mid_stream_stops_generation(server, http, engine_stats) -> None:
+    host, port = server.removeprefix("http://").split(":")
+    body = b'{"prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": true, "ignore_eos": true}'
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(request)
+    received = b""
+    while received.count(b"data: ") < 3:  # a few tokens are out: generation is running
+        received += sock.recv(4096)
+    assert engine_stats().num_running == 1
+    sock.close()
+    wait_until(lambda: engine_stats().num_running == 0, timeout_s=20)
+    assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_replica_survives_bad_requests(http, engine_stats) -> None:
+    for body in [{"prompt": "x", "max_tokens": -1}, {"prompt": [[-5]]}, {"prompt": [[10**9]]}, {"prompt": None}]:
+        res = http.post("/v1/completions", json=body)
+        assert res.status_code == 400, (body, res.text)
+    assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert engine_stats().num_running == 0
+
+
+def test_health_and_ready(http) -> None:
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
