@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parallel.loading import ModelSpec
+from parallel.runner import KVCacheSpec
 
 
 class StrictModel(BaseModel):
@@ -27,7 +28,23 @@ class EngineConfig(StrictModel):
     """Most sequences generated together in one step (the running batch)."""
 
     max_waiting_requests: int = Field(default=128, ge=0)
-    """Bounded queue of admitted-but-not-running requests; beyond it requests get 503 at once."""
+    """Bounded queue of sequences waiting for a batch slot; beyond it requests get 503 at once."""
+
+    max_num_batched_tokens: int = Field(default=512, ge=1)
+    """Token budget of one step. Long prompts are prefilled in chunks of at most this many
+    tokens, so that running decodes keep going while a long prompt is read."""
+
+    block_size: int = Field(default=16, ge=1, le=1024)
+    """Tokens per KV-cache block (the unit of allocation and of prefix sharing)."""
+
+    kv_cache_blocks: int | None = Field(default=None, ge=1)
+    """Size of the KV pool in blocks; None: as many as fit in `kv_cache_memory_mb`."""
+
+    kv_cache_memory_mb: int = Field(default=256, ge=1)
+    """Memory given to the KV pool when `kv_cache_blocks` is not set."""
+
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of a shared prompt prefix (system prompt, earlier chat turns)."""
 
     request_timeout_s: float = Field(default=300.0, gt=0)
     """A request still generating after this many seconds is ended with 504."""
@@ -88,6 +105,13 @@ class ShardserveArgs(StrictModel):
 
     limits: LimitsConfig = LimitsConfig()
     """Per-request bounds."""
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(
+            block_size=self.engine.block_size,
+            num_blocks=self.engine.kv_cache_blocks,
+            memory_bytes=self.engine.kv_cache_memory_mb * 2**20,
+        )
 
     @model_validator(mode="after")
     def _cuda_dtype(self) -> ShardserveArgs:

@@ -9,6 +9,7 @@ subclasses that the ingress maps to HTTP statuses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -43,7 +44,7 @@ class LLMServer:
         self._args = args
         model_dir = resolve_model_dir(args.model, args.revision)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-        self._runner = LocalModelRunner(args.model_spec())
+        self._runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
         self._info = self._runner.load()
         self._engine = LLMEngine(self._runner, self._info, args.engine)
         self._created = int(time.time())
@@ -122,7 +123,8 @@ class LLMServer:
             yield chunk
 
     async def engine_stats(self) -> EngineStats:
-        return EngineStats(num_running=self._engine.num_running, num_waiting=self._engine.num_waiting)
+        c = self._engine.counters()
+        return EngineStats(**dataclasses.asdict(c))
 
     async def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
@@ -183,21 +185,15 @@ class LLMServer:
     ) -> AsyncIterator[GenerateChunk]:
         """Run the request's n sequences and merge their chunks as they come."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
-        seqs = [
-            self._engine.add(
-                prompt_ids,
-                SamplingSpec(
-                    temperature=request.temperature,
-                    top_p=request.top_p,
-                    top_k=max(request.top_k, 0),
-                    seed=base_seed + i,
-                    logprobs=request.logprobs,
-                ),
-                max_tokens,
-                request.ignore_eos,
-            )
-            for i in range(request.n)
-        ]
+        spec = SamplingSpec(
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=max(request.top_k, 0),
+            logprobs=request.logprobs,
+        )
+        seqs = self._engine.add(
+            prompt_ids, [(spec, base_seed + i) for i in range(request.n)], max_tokens, request.ignore_eos
+        )
         merged: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
 
         async def pump(index: int) -> None:

@@ -129,3 +129,8 @@ class EngineStats(BaseModel):
 
     num_running: int
     num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_steps: int

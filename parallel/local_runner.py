@@ -6,93 +6,115 @@ import logging
 import time
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
-from parallel.runner import ModelInfo, SampledToken, StepInput, StepOutput
-from parallel.sampling import make_generator, sample_token
+from parallel.paged_model import SUPPORTED_ARCHITECTURES, PagedCausalLM, PagedKVCache, prepare
+from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
+from parallel.sampling import sample_batch
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def context_window(hf_config: object, requested: int | None) -> int:
+    """The context window: the config's `max_model_len`, bounded by the model's own."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is not None and limit is not None and requested > limit:
+        raise ModelLoadError(f"max_model_len {requested} exceeds the model's context window {limit}")
+    window = requested or limit
+    if window is None:
+        raise ModelLoadError("the model config has no max_position_embeddings; set max_model_len")
+    return window
+
+
+def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, object]:
+    """Load weights (safetensors only) and refuse architectures the paged forward cannot run."""
+    path = resolve_model_dir(spec.model, spec.revision)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    archs = set(getattr(hf_config, "architectures", None) or [])
+    if not archs & SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {exc}") from exc
+    return model.to(spec.device).eval(), hf_config
 
 
 class LocalModelRunner:
-    """Holds the whole model and, per running sequence, its KV cache and sampling generator."""
+    """Holds the whole model and the paged KV pool."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, kv: KVCacheSpec) -> None:
         self._spec = spec
-        self._model: torch.nn.Module | None = None
-        self._caches: dict[int, DynamicCache] = {}
-        self._generators: dict[int, torch.Generator] = {}
+        self._kv = kv
+        self._paged: PagedCausalLM | None = None
 
     def load(self) -> ModelInfo:
-        spec = self._spec
-        path = resolve_model_dir(spec.model, spec.revision)
         start = time.monotonic()
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=_DTYPES[spec.dtype],
-                use_safetensors=True,
-                trust_remote_code=spec.trust_remote_code,
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {exc}") from exc
-        self._model = model.to(spec.device).eval()
-        limit = getattr(hf_config, "max_position_embeddings", None) or spec.max_model_len
-        if spec.max_model_len is not None and limit is not None and spec.max_model_len > limit:
-            raise ModelLoadError(f"max_model_len {spec.max_model_len} exceeds the model's context window {limit}")
+        model, hf_config = load_hf_model(self._spec)
+        window = context_window(hf_config, self._spec.max_model_len)
+        attn = model.model.layers[0].self_attn
+        kv_heads = attn.k_proj.out_features // attn.head_dim
+        layers = len(model.model.layers)
+        per_block = PagedKVCache.bytes_per_block(
+            layers, self._kv.block_size, kv_heads, attn.head_dim, DTYPES[self._spec.dtype]
+        )
+        num_blocks = self._kv.num_blocks or max(1, self._kv.memory_bytes // per_block)
+        cache = PagedKVCache(
+            layers,
+            num_blocks,
+            self._kv.block_size,
+            kv_heads,
+            attn.head_dim,
+            DTYPES[self._spec.dtype],
+            self._spec.device,
+        )
+        self._paged = PagedCausalLM(model, cache)
         eos = hf_config.eos_token_id
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
-            max_model_len=spec.max_model_len or limit,
-            eos_token_ids=eos_ids,
+            max_model_len=window,
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
             num_parameters=sum(p.numel() for p in model.parameters()),
-            dtype=spec.dtype,
+            dtype=self._spec.dtype,
+            num_kv_blocks=num_blocks,
+            block_size=self._kv.block_size,
         )
         logger.info(
-            "loaded %s (%d parameters, %s) in %.2fs",
-            spec.model,
+            "loaded %s: %d parameters, %s, %d KV blocks of %d tokens (%.0f MiB), %.2fs",
+            self._spec.model,
             info.num_parameters,
-            spec.dtype,
+            self._spec.dtype,
+            num_blocks,
+            self._kv.block_size,
+            num_blocks * per_block / 2**20,
             time.monotonic() - start,
         )
         return info
 
-    @torch.inference_mode()
     def step(self, step_input: StepInput) -> StepOutput:
-        assert self._model is not None, "load() first"
-        out: list[SampledToken] = []
-        for seq in step_input.seqs:
-            cache = self._caches.get(seq.seq_id)
-            if cache is None:
-                cache = self._caches[seq.seq_id] = DynamicCache()
-                self._generators[seq.seq_id] = make_generator(seq.sampling.seed)
-            ids = torch.tensor([seq.token_ids], device=self._spec.device)
-            positions = torch.arange(seq.start_pos, seq.start_pos + len(seq.token_ids), device=self._spec.device)
-            logits = self._model(
-                input_ids=ids,
-                position_ids=positions.unsqueeze(0),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits
-            out.append(sample_token(logits[0, -1], seq.sampling, self._generators[seq.seq_id], seq.seq_id))
-        return StepOutput(tokens=out)
-
-    def free(self, seq_ids: list[int]) -> None:
-        for seq_id in seq_ids:
-            self._caches.pop(seq_id, None)
-            self._generators.pop(seq_id, None)
+        assert self._paged is not None, "load() first"
+        batch = prepare(step_input, self._kv.block_size, self._spec.device)
+        logits = self._paged.forward(batch)
+        sampled = [s for s in step_input.seqs if s.sample]
+        return StepOutput(
+            tokens=sample_batch(
+                logits,
+                [s.sampling for s in sampled],
+                [s.sample_seed for s in sampled],
+                [s.seq_id for s in sampled],
+            )
+        )
 
     def health(self) -> None:
-        if self._model is None:
+        if self._paged is None:
             raise RuntimeError("model not loaded")
 
     def shutdown(self) -> None:
-        self._model = None
-        self._caches.clear()
-        self._generators.clear()
+        self._paged = None

@@ -19,23 +19,38 @@ class SamplingSpec:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
-    seed: int = 0
     logprobs: int | None = None  # number of top alternatives to return; None: no logprobs
 
 
 @dataclass(frozen=True)
-class SequenceStep:
-    """One sequence's share of a step: the tokens to feed and where they start.
+class KVCacheSpec:
+    """How big the paged KV pool is: an explicit block count, or a memory budget to fill."""
 
-    A prefill feeds the whole prompt (start_pos 0, or the first uncached position); a decode
-    feeds the single token sampled last step. The runner keeps the sequence's KV cache between
-    steps, keyed by seq_id, until `free` is called.
+    block_size: int
+    num_blocks: int | None
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """One sequence's share of a step: the tokens to feed, where they start, where KV goes.
+
+    A prefill (or a chunk of one) feeds prompt tokens from the first uncomputed position; a
+    decode feeds the single token sampled last step. K/V of every fed token is written to the
+    sequence's blocks (block_table, owned by the engine's block manager) and attention reads
+    positions [0, start_pos + len(token_ids)) from them. When `sample` is set the runner samples
+    the next token with a generator seeded from `sample_seed`, which the engine derives from the
+    request's seed and the output position: the same seed gives the same tokens whatever the
+    batch, chunking or preemption.
     """
 
     seq_id: int
     token_ids: list[int]
     start_pos: int
+    block_table: list[int]
     sampling: SamplingSpec
+    sample: bool = True
+    sample_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,16 +80,22 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     num_parameters: int
     dtype: str
+    num_kv_blocks: int
+    block_size: int
 
 
 class ModelRunner(Protocol):
-    """Runs the model for the engine. Implementations: LocalModelRunner (tp=pp=1)."""
+    """Runs the model for the engine. Implementations: LocalModelRunner (tp=pp=1).
+
+    The runner is stateless between steps apart from the KV pool: which blocks belong to which
+    sequence is decided by the engine and sent with every step.
+    """
 
     def load(self) -> ModelInfo: ...
 
-    def step(self, step_input: StepInput) -> StepOutput: ...
-
-    def free(self, seq_ids: list[int]) -> None: ...
+    def step(self, step_input: StepInput) -> StepOutput:
+        """Returns one SampledToken per sequence with `sample` set, in input order."""
+        ...
 
     def health(self) -> None:
         """Raise if the runner cannot serve (a rank died, a device is gone)."""

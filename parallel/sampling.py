@@ -1,7 +1,8 @@
-"""Token sampling, one sequence at a time, reproducible from the sequence's own seed.
+"""Token sampling for a step's batch, reproducible per sequence.
 
-Each sequence owns a torch.Generator seeded from its request, so a seeded request gives the same
-tokens whatever else shares its batch.
+Every sampled position gets its own generator, seeded by the engine from the request's seed and
+the output position, so a seeded request gives the same tokens whatever else shares its batch,
+and even after it was preempted and recomputed. Greedy rows (the common case) are one argmax.
 """
 
 from __future__ import annotations
@@ -17,32 +18,42 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
-def sample_token(logits: torch.Tensor, spec: SamplingSpec, generator: torch.Generator, seq_id: int) -> SampledToken:
-    """Pick one token from a 1-D logits row.
+def sample_batch(
+    logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[int], seq_ids: list[int]
+) -> list[SampledToken]:
+    """Sample one token per logits row.
 
-    Log-probabilities are those of the model (before temperature and truncation), as vLLM and
-    OpenAI report them.
+    Log-probabilities are the model's (before temperature and truncation), as vLLM and OpenAI
+    report them.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    if spec.temperature <= 0.0:
-        token = int(torch.argmax(logits))
-    else:
-        scaled = logits / spec.temperature
-        if spec.top_k > 0 and spec.top_k < scaled.numel():
-            kth = torch.topk(scaled, spec.top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if spec.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            drop = (cumulative - sorted_probs) >= spec.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        token = int(torch.multinomial(probs, 1, generator=generator))
-    top: list[tuple[int, float]] = []
-    if spec.logprobs:
-        values, indices = torch.topk(logprobs, min(spec.logprobs, logprobs.numel()))
-        top = [(int(i), float(v)) for i, v in zip(indices, values, strict=True)]
-    return SampledToken(seq_id=seq_id, token_id=token, logprob=float(logprobs[token]), top_logprobs=top)
+    tokens = torch.argmax(logits, dim=-1).tolist()
+    for i, spec in enumerate(specs):
+        if spec.temperature > 0.0:
+            tokens[i] = _draw(logits[i], spec, make_generator(seeds[i]))
+    out = []
+    for i, spec in enumerate(specs):
+        top: list[tuple[int, float]] = []
+        if spec.logprobs:
+            values, indices = torch.topk(logprobs[i], min(spec.logprobs, logprobs.shape[-1]))
+            top = [(int(t), float(v)) for t, v in zip(indices, values, strict=True)]
+        out.append(
+            SampledToken(seq_id=seq_ids[i], token_id=tokens[i], logprob=float(logprobs[i, tokens[i]]), top_logprobs=top)
+        )
+    return out
+
+
+def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> int:
+    scaled = row / spec.temperature
+    if 0 < spec.top_k < scaled.numel():
+        kth = torch.topk(scaled, spec.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if spec.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = (cumulative - sorted_probs) >= spec.top_p
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

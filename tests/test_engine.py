@@ -1,83 +1,160 @@
-"""The engine over the local runner, in one process (no Ray): batching must not change tokens."""
+"""The engine over the paged local runner, in one process (no Ray).
+
+Batching, chunked prefill, prefix caching and preemption must never change the tokens.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
+import torch
 
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from deployments.errors import Overloaded
+from deployments.errors import InvalidRequest, Overloaded
 from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import SamplingSpec
+from parallel.runner import KVCacheSpec, SamplingSpec
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
+GREEDY = SamplingSpec()
 
 
 @pytest.fixture(scope="module")
-def runner():
-    r = LocalModelRunner(SPEC)
-    info = r.load()
-    return r, info
+def loaded():
+    runner = LocalModelRunner(SPEC, KVCacheSpec(block_size=4, num_blocks=512, memory_bytes=0))
+    return runner, runner.load()
 
 
-async def collect(engine: LLMEngine, prompt: list[int], spec: SamplingSpec, max_tokens: int) -> list[int]:
-    seq = engine.add(prompt, spec, max_tokens, ignore_eos=True)
+def prompts(count: int = 12) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randint(10, 500, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(count)
+    ]
+
+
+async def collect(
+    engine: LLMEngine, prompt: list[int], max_tokens: int, spec: SamplingSpec = GREEDY, seed: int = 0
+) -> list[int]:
+    (seq,) = engine.add(prompt, [(spec, seed)], max_tokens, ignore_eos=True)
     return [t.token_id async for t in engine.stream(seq)]
 
 
-async def test_concurrent_requests_match_running_alone(runner) -> None:
-    r, info = runner
-    prompts = [[5 + i, 40 + 3 * i, 90, 17 + i][: 2 + i % 3] for i in range(12)]
-    greedy = SamplingSpec()
-    engine = LLMEngine(r, info, EngineConfig(max_num_seqs=4, max_waiting_requests=16))
-    alone = [await collect(engine, p, greedy, 8) for p in prompts]
-    together = await asyncio.gather(*(collect(engine, p, greedy, 8) for p in prompts))
-    assert list(together) == alone
-    seeded = [SamplingSpec(temperature=1.0, seed=i) for i in range(len(prompts))]
-    alone_s = [await collect(engine, p, s, 8) for p, s in zip(prompts, seeded, strict=True)]
-    together_s = await asyncio.gather(*(collect(engine, p, s, 8) for p, s in zip(prompts, seeded, strict=True)))
-    assert list(together_s) == alone_s
+async def alone_and_together(engine: LLMEngine, ps: list[list[int]], max_tokens: int, spec: SamplingSpec = GREEDY):
+    alone = [await collect(engine, p, max_tokens, spec, i) for i, p in enumerate(ps)]
+    together = await asyncio.gather(*(collect(engine, p, max_tokens, spec, i) for i, p in enumerate(ps)))
+    return alone, list(together)
 
 
-async def test_length_limit_and_context_window(runner) -> None:
-    r, info = runner
-    engine = LLMEngine(r, info, EngineConfig())
-    assert len(await collect(engine, [5, 6, 7], SamplingSpec(), 5)) == 5
+def test_paged_runner_matches_hf_generate(loaded) -> None:
+    runner, info = loaded
+    model = runner._paged.model
+    ps = prompts(4)
+    engine_out = asyncio.run(_collect_all(runner, info, ps))
+    for p, got in zip(ps, engine_out, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert got == ref[0, len(p) :].tolist()
+
+
+async def _collect_all(runner, info, ps):
+    engine = LLMEngine(runner, info, EngineConfig())
+    return [await collect(engine, p, 12) for p in ps]
+
+
+async def test_concurrent_requests_match_running_alone(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=5, max_waiting_requests=32))
+    alone, together = await alone_and_together(engine, prompts(), 10)
+    assert together == alone
+    seeded = SamplingSpec(temperature=1.0, top_p=0.95)
+    alone, together = await alone_and_together(engine, prompts(), 10, seeded)
+    assert together == alone
+
+
+async def test_chunked_prefill_gives_same_tokens(loaded) -> None:
+    runner, info = loaded
+    long_prompts = [p * 4 for p in prompts(4)]
+    whole = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=512))
+    chunked = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=7))
+    a = await asyncio.gather(*(collect(whole, p, 8) for p in long_prompts))
+    b = await asyncio.gather(*(collect(chunked, p, 8) for p in long_prompts))
+    assert a == b
+    assert chunked.counters().num_steps > whole.counters().num_steps
+
+
+async def test_preemption_when_pool_runs_out_keeps_tokens(loaded) -> None:
+    runner, info = loaded
+    ps = prompts(8)
+    roomy = LLMEngine(runner, info, EngineConfig())
+    expected = [await collect(roomy, p, 24) for p in ps]
+    # The engine may use fewer blocks than the runner's pool holds: 30 forces preemption.
+    small = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=30), EngineConfig())
+    seeded = await asyncio.gather(*(collect(small, p, 24) for p in ps))
+    assert list(seeded) == expected
+    counters = small.counters()
+    assert counters.num_preemptions > 0
+    assert counters.num_running == 0 and counters.kv_cache_usage < 1.0
+
+
+async def test_prefix_caching_on_off_identical_and_hits(loaded) -> None:
+    runner, info = loaded
+    system = prompts(1)[0] * 3  # a shared prefix of several blocks
+    questions = [system + q for q in prompts(6)]
+    on = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=True))
+    off = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=False))
+    a = [await collect(on, q, 8) for q in questions]
+    b = [await collect(off, q, 8) for q in questions]
+    assert a == b
+    c = on.counters()
+    assert c.prefix_cache_hits >= 5 * (len(system) // 4) * 4
+    assert off.counters().prefix_cache_hits == 0
+
+
+async def test_length_limit_and_context_window(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig())
+    assert len(await collect(engine, [5, 6, 7], 5)) == 5
     near_end = [5] * (info.max_model_len - 3)
-    assert len(await collect(engine, near_end, SamplingSpec(), 100)) == 3
+    assert len(await collect(engine, near_end, 3)) == 3
 
 
-async def test_queue_full_is_refused_at_once(runner) -> None:
-    r, info = runner
-    engine = LLMEngine(r, info, EngineConfig(max_num_seqs=1, max_waiting_requests=1))
-    first = engine.add([5, 6], SamplingSpec(), 50, ignore_eos=True)
-    second = engine.add([5, 6], SamplingSpec(), 50, ignore_eos=True)
+async def test_queue_full_is_refused_at_once(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=1, max_waiting_requests=1))
+    first = engine.add([5, 6], [(GREEDY, 0)], 50, ignore_eos=True)
+    second = engine.add([5, 6], [(GREEDY, 0)], 50, ignore_eos=True)
     with pytest.raises(Overloaded) as info_:
-        engine.add([5, 6], SamplingSpec(), 50, ignore_eos=True)
+        engine.add([5, 6], [(GREEDY, 0)], 50, ignore_eos=True)
     assert info_.value.status_code == 503 and info_.value.retry_after_s
-    engine.abort(first)
-    engine.abort(second)
+    for seq in first + second:
+        engine.abort(seq)
 
 
-async def test_abort_leaves_batch_and_frees_kv(runner) -> None:
-    r, info = runner
-    engine = LLMEngine(r, info, EngineConfig())
-    seq = engine.add([5, 6, 7], SamplingSpec(), 200, ignore_eos=True)
+async def test_request_larger_than_pool_is_refused(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=4), EngineConfig())
+    with pytest.raises(InvalidRequest):
+        engine.add([5] * 10, [(GREEDY, 0)], 10, ignore_eos=True)
+
+
+async def test_abort_leaves_batch_and_frees_blocks(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig())
+    (seq,) = engine.add([5, 6, 7], [(GREEDY, 0)], 200, ignore_eos=True)
     got = 0
     async for _ in engine.stream(seq):
         got += 1
         if got == 3:
             break
-    engine.abort(seq)
-    for _ in range(200):
-        if engine.num_running == 0 and seq.seq_id not in r._caches:
+    for _ in range(500):
+        if engine.num_running == 0:
             break
         await asyncio.sleep(0.01)
     assert engine.num_running == 0
-    assert seq.seq_id not in r._caches
+    assert engine.counters().kv_cache_usage == 0.0
 
 
 def test_pickle_weights_are_refused(tmp_path) -> None:
@@ -90,3 +167,10 @@ def test_pickle_weights_are_refused(tmp_path) -> None:
 def test_missing_local_dir_is_clear() -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_dir("./no/such/model")
+
+
+def test_local_directory_loads_like_builtin(loaded) -> None:
+    _runner, info = loaded
+    directory = str(resolve_model_dir("shardserve/tiny-llama"))
+    other = LocalModelRunner(ModelSpec(directory, None, "float32", False, 256, "cpu"), KVCacheSpec(4, 64, 0))
+    assert other.load().num_parameters == info.num_parameters

@@ -1,11 +1,11 @@
-"""Sampling on one logits row (no Ray)."""
+"""Sampling on logits rows (no Ray)."""
 
 from __future__ import annotations
 
 import torch
 
 from parallel.runner import SamplingSpec
-from parallel.sampling import make_generator, sample_token
+from parallel.sampling import sample_batch
 
 
 def logits() -> torch.Tensor:
@@ -13,36 +13,47 @@ def logits() -> torch.Tensor:
     return torch.randn(100) * 3
 
 
-def draw(spec: SamplingSpec, count: int = 20) -> list[int]:
-    gen = make_generator(spec.seed)
-    return [sample_token(logits(), spec, gen, 0).token_id for _ in range(count)]
-
-
-def test_greedy_is_argmax() -> None:
+def draw(spec: SamplingSpec, seed: int, count: int = 20) -> list[int]:
     row = logits()
-    assert sample_token(row, SamplingSpec(), make_generator(0), 0).token_id == int(row.argmax())
+    return [sample_batch(row[None], [spec], [seed * 1000 + i], [0])[0].token_id for i in range(count)]
+
+
+def test_greedy_is_argmax_for_every_row() -> None:
+    rows = torch.randn(5, 50)
+    tokens = sample_batch(rows, [SamplingSpec()] * 5, [0] * 5, list(range(5)))
+    assert [t.token_id for t in tokens] == rows.argmax(-1).tolist()
+    assert [t.seq_id for t in tokens] == list(range(5))
 
 
 def test_same_seed_same_tokens_other_seed_differs() -> None:
-    spec = SamplingSpec(temperature=1.0, seed=5)
-    assert draw(spec) == draw(spec)
-    assert draw(spec) != draw(SamplingSpec(temperature=1.0, seed=6))
+    spec = SamplingSpec(temperature=1.0)
+    assert draw(spec, 5) == draw(spec, 5)
+    assert draw(spec, 5) != draw(spec, 6)
+
+
+def test_row_result_does_not_depend_on_batch_neighbours() -> None:
+    spec = SamplingSpec(temperature=1.0, top_p=0.9)
+    row = logits()
+    alone = sample_batch(row[None], [spec], [42], [0])[0].token_id
+    batch = torch.stack([torch.randn(100), row, torch.randn(100)])
+    together = sample_batch(batch, [SamplingSpec(temperature=0.7)] + [spec] * 2, [1, 42, 3], [0, 1, 2])
+    assert together[1].token_id == alone
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy() -> None:
     argmax = int(logits().argmax())
-    assert set(draw(SamplingSpec(temperature=1.5, top_k=1, seed=3))) == {argmax}
-    assert set(draw(SamplingSpec(temperature=1.5, top_p=1e-6, seed=3))) == {argmax}
+    assert set(draw(SamplingSpec(temperature=1.5, top_k=1), 3)) == {argmax}
+    assert set(draw(SamplingSpec(temperature=1.5, top_p=1e-6), 3)) == {argmax}
 
 
 def test_top_k_limits_choices() -> None:
     allowed = set(torch.topk(logits(), 3).indices.tolist())
-    assert set(draw(SamplingSpec(temperature=2.0, top_k=3, seed=1), count=200)) <= allowed
+    assert set(draw(SamplingSpec(temperature=2.0, top_k=3), 1, count=200)) <= allowed
 
 
 def test_logprobs_are_model_logprobs() -> None:
     row = logits()
-    tok = sample_token(row, SamplingSpec(temperature=0.5, seed=2, logprobs=4), make_generator(2), 0)
+    (tok,) = sample_batch(row[None], [SamplingSpec(temperature=0.5, logprobs=4)], [2], [0])
     expected = torch.log_softmax(row, -1)
     assert abs(tok.logprob - float(expected[tok.token_id])) < 1e-6
     assert [i for i, _ in tok.top_logprobs] == torch.topk(expected, 4).indices.tolist()

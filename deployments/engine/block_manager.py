@@ -1,0 +1,164 @@
+"""KV-cache block accounting with prefix caching. Pure Python: the tensors live in the runner.
+
+Each sequence owns a block table (block ids in order). A full block is indexed by a hash of its
+tokens chained with the hash of the block before it, so two prompts share a cached block only
+when everything up to and including that block is identical. Blocks whose reference count drops
+to zero stay indexed (and reusable) until the space is needed; then the least recently used is
+evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+class NoFreeBlocks(Exception):
+    """The pool is exhausted; the scheduler preempts or waits."""
+
+
+@dataclass
+class _Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+@dataclass
+class BlockTable:
+    """A sequence's blocks, and how many of its leading tokens came from the prefix cache."""
+
+    blocks: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
+
+
+def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block(i) for i in range(num_blocks)]
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed, pop from end
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but hashed, LRU first
+        self._by_hash: dict[int, int] = {}
+        self.prefix_queries = 0  # prompt tokens looked up
+        self.prefix_hits = 0  # prompt tokens found cached
+
+    # ---- queries ---------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (free or evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- allocation ------------------------------------------------------------------------
+
+    def allocate_prompt(self, tokens: list[int], reserve: int = 1) -> BlockTable:
+        """Blocks for a new sequence's tokens plus `reserve` more token slots.
+
+        Leading full blocks found in the prefix cache are shared, never recomputed; at least the
+        last token is always left to compute, since its logits are needed. Raises NoFreeBlocks
+        (allocating nothing) when the pool cannot hold it.
+        """
+        table = BlockTable()
+        hashes = self._full_block_hashes(tokens)
+        cached: list[int] = []
+        if self.enable_prefix_caching:
+            usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
+            for h in hashes[:usable]:
+                block_id = self._by_hash.get(h)
+                if block_id is None:
+                    break
+                cached.append(block_id)
+            self.prefix_queries += len(tokens)
+            self.prefix_hits += len(cached) * self.block_size
+        total = self.blocks_needed(len(tokens) + reserve)
+        fresh_needed = total - len(cached)
+        reclaimable = len(self._free) + sum(1 for b in self._evictable if b not in cached)
+        if fresh_needed > reclaimable:
+            raise NoFreeBlocks
+        for block_id in cached:
+            self._ref(block_id)
+        table.blocks = cached + [self._take() for _ in range(fresh_needed)]
+        table.cached_tokens = len(cached) * self.block_size
+        table.hashes = hashes[: len(cached)]
+        return table
+
+    def ensure_capacity(self, table: BlockTable, num_tokens: int) -> None:
+        """Grow the table so it can hold num_tokens; raises NoFreeBlocks, allocating nothing."""
+        extra = self.blocks_needed(num_tokens) - len(table.blocks)
+        if extra > self.num_free:
+            raise NoFreeBlocks
+        for _ in range(extra):
+            table.blocks.append(self._take())
+
+    def register_full_blocks(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
+        """Index the blocks whose tokens are all computed, so later prompts can share them."""
+        if not self.enable_prefix_caching:
+            return
+        full = num_computed // self.block_size
+        while len(table.hashes) < full:
+            i = len(table.hashes)
+            parent = table.hashes[-1] if table.hashes else None
+            h = chain_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            table.hashes.append(h)
+            block = self._blocks[table.blocks[i]]
+            if block.block_hash is None and h not in self._by_hash:
+                block.block_hash = h
+                self._by_hash[h] = block.block_id
+
+    def free(self, table: BlockTable) -> None:
+        """Release a sequence's blocks (last block first, so a prefix outlives its tail)."""
+        for block_id in reversed(table.blocks):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.block_hash is not None:
+                    self._evictable[block_id] = None
+                else:
+                    self._free.append(block_id)
+        table.blocks = []
+        table.hashes = []
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _full_block_hashes(self, tokens: list[int]) -> list[int]:
+        hashes: list[int] = []
+        parent = None
+        for i in range(len(tokens) // self.block_size):
+            parent = chain_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            hashes.append(parent)
+        return hashes
+
+    def _ref(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            self._evictable.pop(block_id, None)
+        block.ref_count += 1
+
+    def _take(self) -> int:
+        if self._free:
+            block_id = self._free.pop()
+        elif self._evictable:
+            block_id, _ = self._evictable.popitem(last=False)  # least recently used
+            block = self._blocks[block_id]
+            if block.block_hash is not None:
+                del self._by_hash[block.block_hash]
+                block.block_hash = None
+        else:
+            raise NoFreeBlocks
+        self._blocks[block_id].ref_count = 1
+        return block_id

@@ -1,0 +1,166 @@
+"""Which sequences run in the next step, and how many of their tokens (iteration-level).
+
+Each step has a token budget. Running sequences go first, in arrival order: a decode takes one
+token, an unfinished prefill takes the next chunk. Waiting sequences are then admitted while
+there is budget, a batch slot and KV blocks for their whole prompt. When a running sequence needs
+a new block and the pool is empty, the most recently arrived running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed later (its prompt
+blocks usually come back from the prefix cache). Pure logic over the block manager; no tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from deployments.config import EngineConfig
+from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
+from deployments.errors import InvalidRequest, Overloaded
+from parallel.runner import SampledToken, SamplingSpec
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated output: tokens so far, KV blocks, and the queue its consumer reads."""
+
+    prompt_ids: list[int]
+    sampling: SamplingSpec
+    seed: int
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    table: BlockTable | None = None
+    queue: asyncio.Queue[SampledToken | BaseException | None] = field(default_factory=asyncio.Queue)
+    finish_reason: str | None = None
+    aborted: bool = False
+    first_token_at: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_ids)
+        if end <= p:
+            return self.prompt_ids[start:end]
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    def step_seed(self) -> int:
+        """Seed of the next sampled position: depends on the request seed and position only."""
+        return (self.seed * 1_000_003 + len(self.output_ids)) % (2**63)
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue a request's sequences, or refuse all of them at once."""
+        needed = self.blocks.blocks_needed(len(seqs[0].prompt_ids) + seqs[0].max_tokens)
+        if needed > self.blocks.num_blocks:
+            raise InvalidRequest(
+                f"prompt plus max_tokens needs {needed} KV-cache blocks; this server has {self.blocks.num_blocks}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        free_slots = max(0, self.config.max_num_seqs - len(self.running))
+        if len(self.waiting) + len(seqs) > self.config.max_waiting_requests + free_slots:
+            raise Overloaded("server is overloaded: too many requests waiting", code="queue_full", retry_after_s=1.0)
+        self.waiting.extend(seqs)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def drop_aborted(self) -> list[Sequence]:
+        dropped = [s for s in self.running if s.aborted]
+        for seq in dropped:
+            self.finish(seq)
+        while self.waiting and self.waiting[0].aborted:
+            dropped.append(self.waiting.popleft())
+        if any(s.aborted for s in self.waiting):
+            dropped.extend(s for s in self.waiting if s.aborted)
+            self.waiting = deque(s for s in self.waiting if not s.aborted)
+        return dropped
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.table is not None:
+            self.blocks.free(seq.table)
+            seq.table = None
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.config.max_num_batched_tokens
+        out: list[Scheduled] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted while making room for an earlier one
+                continue
+            remaining = seq.num_tokens - seq.num_computed
+            n = min(remaining, budget) if remaining > 1 else 1
+            if n == 0 or (n > budget):
+                continue
+            if not self._grow(seq, seq.num_computed + n, out):
+                continue
+            out.append(Scheduled(seq, seq.num_computed, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            try:
+                seq.table = self.blocks.allocate_prompt(seq.tokens(0, seq.num_tokens), reserve=1)
+            except NoFreeBlocks:
+                break
+            self.waiting.popleft()
+            seq.num_computed = seq.table.cached_tokens
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            self.running.append(seq)
+            out.append(Scheduled(seq, seq.num_computed, n))
+            budget -= n
+        return out
+
+    def _grow(self, seq: Sequence, num_slots: int, scheduled: list[Scheduled]) -> bool:
+        """Make seq's table hold num_slots tokens, preempting later arrivals if needed."""
+        needed = min(num_slots, self.max_model_len)
+        while True:
+            try:
+                self.blocks.ensure_capacity(seq.table, needed)  # type: ignore[arg-type]
+                return True
+            except NoFreeBlocks:
+                victim = self.running[-1]
+                self._preempt(victim, scheduled)
+                if victim is seq:
+                    return False
+
+    def _preempt(self, seq: Sequence, scheduled: list[Scheduled]) -> None:
+        self.finish(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        scheduled[:] = [s for s in scheduled if s.seq is not seq]
+        self.waiting.appendleft(seq)
