@@ -19,12 +19,14 @@ from deployments.llm_server import LLMServer
 def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     """Replica options computed from the config, in one place.
 
-    The engine batches, so Serve may send a replica as many requests as it can run plus queue;
-    the engine's own bounded queue answers 503 beyond that.
+    The engine batches, so Serve may send a replica as many requests as its engine can run plus
+    queue. When every replica is that full, Serve's router holds at most `max_waiting_requests`
+    more per caller and refuses the rest at once (503), so no queue anywhere is unbounded.
     """
     return {
         "name": "LLMServer",
         "max_ongoing_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
+        "max_queued_requests": args.engine.max_waiting_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         "ray_actor_options": {"num_cpus": 1},

@@ -7,17 +7,20 @@ call the same methods, so both paths behave the same.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api import openai_routes, tfserving_routes
 from deployments.api.http_errors import RequestGuard, install_error_handlers
 from deployments.config import ShardserveArgs
+from deployments.errors import Overloaded
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 
@@ -33,11 +36,13 @@ class Ingress:
     # ---- Python API -------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        return await self._llm.generate.remote(request)
+        with _overload_as_503():
+            return await self._llm.generate.remote(request)
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        async for chunk in self._llm.options(stream=True).generate_stream.remote(request):
-            yield chunk
+        with _overload_as_503():
+            async for chunk in self._llm.options(stream=True).generate_stream.remote(request):
+                yield chunk
 
     async def model_card(self) -> ModelCard:
         if self._card is None:
@@ -68,3 +73,15 @@ class Ingress:
         tfserving_routes.register(app, self)
         app.add_middleware(RequestGuard, max_bytes=self._args.limits.max_request_body_bytes)
         return app
+
+
+@contextmanager
+def _overload_as_503() -> Iterator[None]:
+    """Serve's own refusals (its queue in front of the replicas is full, or no replica is up)
+    become our typed 503, with the same error body and Retry-After as the engine's."""
+    try:
+        yield
+    except BackPressureError as exc:
+        raise Overloaded("server is overloaded: request queue is full", code="queue_full", retry_after_s=1.0) from exc
+    except DeploymentUnavailableError as exc:
+        raise Overloaded("no model replica is available", code="unavailable", retry_after_s=5.0) from exc

@@ -19,7 +19,7 @@ TEST_ARGS: dict[str, Any] = {
     "model": "shardserve/tiny-llama",
     "served_model_name": "tiny-llama",
     "max_model_len": 256,
-    "engine": {"max_num_seqs": 8, "max_waiting_requests": 8},
+    "engine": {"max_num_seqs": 16, "max_waiting_requests": 16},
     "limits": {"max_request_body_bytes": 65536, "max_n": 4},
 }
 

@@ -37,3 +37,34 @@ def test_health_and_ready(http) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_overload_refuses_fast_and_accepted_requests_finish(server, engine_stats) -> None:
+    """80 concurrent long requests against 16 running + 16 waiting + 16 queued: the rest get 503."""
+    import asyncio
+    import time
+
+    import httpx
+
+    body = {"prompt": "Hello", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+        start = time.monotonic()
+        res = await client.post("/v1/completions", json=body)
+        return res.status_code, time.monotonic() - start, res
+
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=server, timeout=120, limits=limits) as client:
+        results = await asyncio.gather(*(one(client) for _ in range(80)))
+    codes = [code for code, _, _ in results]
+    assert set(codes) <= {200, 503}, codes
+    refused = [(t, r) for code, t, r in results if code == 503]
+    accepted = [r for code, _, r in results if code == 200]
+    assert refused, "nothing was refused: the queues are not bounded"
+    assert len(accepted) >= 32
+    for _, res in refused:
+        assert res.headers["retry-after"] == "1"
+        assert res.json()["error"]["type"] == "overloaded_error"
+    assert max(t for t, _ in refused) < min(t for code, t, _ in results if code == 200)  # refused before any finished
+    assert all(r.json()["usage"]["completion_tokens"] == 60 for r in accepted)
+    assert (await asyncio.to_thread(engine_stats)).num_running == 0
