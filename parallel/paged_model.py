@@ -22,7 +22,7 @@ SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "
 
 
 class PagedKVCache:
-    """K and V for every layer: [num_layers, num_blocks * block_size, kv_heads, head_dim]."""
+    """K and V for every layer: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
 
     def __init__(
         self,
@@ -34,7 +34,7 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: str,
     ) -> None:
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
@@ -47,53 +47,61 @@ class PagedKVCache:
 
 @dataclass
 class PreparedBatch:
-    """Index tensors for one step, built once and shared by every layer."""
+    """Index tensors for one step, built once and shared by every layer.
+
+    Attention reads K/V a whole block at a time (contiguous rows of block_size tokens), then
+    masks the positions past each sequence's context.
+    """
 
     input_ids: torch.Tensor  # [T] new tokens of all sequences, flattened
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] where each new token's K/V goes in the flat pool
     decode_rows: torch.Tensor  # [D] flat rows of single-token (decode) sequences
-    decode_ctx: torch.Tensor  # [D, Lmax] pool slots of each decode sequence's context (padded)
-    decode_mask: torch.Tensor  # [D, 1, 1, Lmax] True where the context is real
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (row start, n, first position, ctx slots)
+    decode_blocks: torch.Tensor  # [D, max_blocks] block tables, padded with block 0
+    decode_mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] True where context is real
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (row start, n, first position, blocks)
     logit_rows: torch.Tensor  # [S] flat rows whose logits are sampled
 
 
 def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
     ids: list[int] = []
     positions: list[int] = []
-    slots: list[int] = []
+    slot_parts: list[torch.Tensor] = []
     decode_rows: list[int] = []
-    decode_ctx: list[list[int]] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
     prefills: list[tuple[int, int, int, torch.Tensor]] = []
     logit_rows: list[int] = []
     for seq in step.seqs:
         row, n, start = len(ids), len(seq.token_ids), seq.start_pos
-        table = seq.block_table
-        ctx_slots = [table[p // block_size] * block_size + p % block_size for p in range(start + n)]
+        ctx_len = start + n
+        used = seq.block_table[: -(-ctx_len // block_size)]
         ids.extend(seq.token_ids)
-        positions.extend(range(start, start + n))
-        slots.extend(ctx_slots[start:])
+        positions.extend(range(start, ctx_len))
         if n == 1:
             decode_rows.append(row)
-            decode_ctx.append(ctx_slots)
+            decode_tables.append(used)
+            decode_lens.append(ctx_len)
+            slot_parts.append(torch.tensor([used[start // block_size] * block_size + start % block_size]))
         else:
-            prefills.append((row, n, start, torch.tensor(ctx_slots, device=device)))
+            blocks = torch.tensor(used)
+            pos = torch.arange(start, ctx_len)
+            slot_parts.append(blocks[pos // block_size] * block_size + pos % block_size)
+            prefills.append((row, n, start, blocks.to(device)))
         if seq.sample:
             logit_rows.append(row + n - 1)
-    longest = max((len(c) for c in decode_ctx), default=0)
-    ctx = torch.zeros((len(decode_ctx), longest), dtype=torch.long)
-    mask = torch.zeros((len(decode_ctx), longest), dtype=torch.bool)
-    for i, c in enumerate(decode_ctx):
-        ctx[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = True
+    width = max((len(t) for t in decode_tables), default=0)
+    tables = torch.zeros((len(decode_tables), width), dtype=torch.long)
+    for i, t in enumerate(decode_tables):
+        tables[i, : len(t)] = torch.tensor(t)
+    mask = torch.arange(width * block_size)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return PreparedBatch(
         input_ids=as_long(ids),
         positions=as_long(positions),
-        slots=as_long(slots),
+        slots=torch.cat(slot_parts).to(device),
         decode_rows=as_long(decode_rows),
-        decode_ctx=ctx.to(device),
+        decode_blocks=tables.to(device),
         decode_mask=mask[:, None, None, :].to(device),
         prefills=prefills,
         logit_rows=as_long(logit_rows),
@@ -142,25 +150,26 @@ class PagedCausalLM:
         k = attn.k_proj(x).view(tokens, -1, d)
         v = attn.v_proj(x).view(tokens, -1, d)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        k_pool, v_pool = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        k_pool[batch.slots] = k
-        v_pool[batch.slots] = v
+        k_blocks, v_blocks = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [NB, bs, kvh, d]
+        kv_heads = k_blocks.shape[2]
+        k_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, k)
+        v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
         out = torch.empty_like(q)
         scale = attn.scaling
         if batch.decode_rows.numel():
+            rows = batch.decode_rows.numel()
             qd = q[batch.decode_rows].unsqueeze(2)  # [D, h, 1, d]
-            kd = k_pool[batch.decode_ctx].transpose(1, 2)  # [D, kvh, L, d]
-            vd = v_pool[batch.decode_ctx].transpose(1, 2)
+            flat_blocks = batch.decode_blocks.flatten()
+            kd = k_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)  # [D, kvh, L, d]
+            vd = v_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
             out[batch.decode_rows] = od.squeeze(2)
-        for row, n, start, ctx in batch.prefills:
+        for row, n, start, blocks in batch.prefills:
             qp = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            kp = k_pool[ctx].transpose(0, 1).unsqueeze(0)  # [1, kvh, ctx, d]
-            vp = v_pool[ctx].transpose(0, 1).unsqueeze(0)
-            causal = (
-                torch.arange(ctx.numel(), device=x.device)[None, :]
-                <= (start + torch.arange(n, device=x.device))[:, None]
-            )
+            kp = k_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
+            vp = v_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
+            keys = torch.arange(kp.shape[2], device=x.device)
+            causal = keys[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=True)
             out[row : row + n] = op[0].transpose(0, 1)
         return out.reshape(tokens, -1)

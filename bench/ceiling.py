@@ -1,0 +1,73 @@
+"""In-process measurements with no server: the engine's decode rate against the raw model.
+
+`raw_decode_tokens_per_s` is the ceiling: the HF model's own forward with its KV cache, batch B,
+one token per sequence per call, nothing else. `engine_decode_tokens_per_s` drives shardserve's
+engine (scheduler, block manager, paged forward, sampling) with B sequences of the same shape and
+times the same decode steps. `prefill_seconds` is one bare forward over a prompt (for TTFT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from transformers import DynamicCache
+
+from deployments.config import EngineConfig
+from deployments.engine.engine import LLMEngine
+from parallel.loading import ModelSpec
+from parallel.local_runner import LocalModelRunner
+from parallel.runner import KVCacheSpec, SamplingSpec
+
+
+def load_runner(model: str, max_model_len: int | None = None) -> tuple[LocalModelRunner, object]:
+    runner = LocalModelRunner(
+        ModelSpec(model, None, "float32", False, max_model_len, "cpu"), KVCacheSpec(16, None, 256 * 2**20)
+    )
+    return runner, runner.load()
+
+
+@torch.inference_mode()
+def raw_decode_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, steps: int) -> float:
+    ids = torch.randint(
+        10, model.config.vocab_size - 1, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
+    )
+    cache = DynamicCache()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def prefill_seconds(model: torch.nn.Module, prompt_ids: list[int]) -> float:
+    ids = torch.tensor([prompt_ids])
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def engine_decode_tokens_per_s(
+    runner: LocalModelRunner, info: object, batch: int, prompt_len: int, steps: int
+) -> float:
+    async def run() -> float:
+        engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len))
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(10, info.vocab_size - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+        seqs = [engine.add(p, [(SamplingSpec(), 0)], steps + 1, ignore_eos=True)[0] for p in prompts]
+        first = [seq.queue.get() for seq in seqs]  # every prefill done: decode starts
+        await asyncio.gather(*first)
+        start = time.perf_counter()
+        await asyncio.gather(*(_drain(engine, s) for s in seqs))
+        return batch * steps / (time.perf_counter() - start)
+
+    return asyncio.run(run())
+
+
+async def _drain(engine: LLMEngine, seq: object) -> None:
+    async for _ in engine.stream(seq):  # type: ignore[arg-type]
+        pass
