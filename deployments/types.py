@@ -134,3 +134,4 @@ class EngineStats(BaseModel):
     prefix_cache_hits: int
     num_preemptions: int
     num_steps: int
+    generation_tokens: int

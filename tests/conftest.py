@@ -18,7 +18,7 @@ APP_NAME = "shardserve"
 TEST_ARGS: dict[str, Any] = {
     "model": "shardserve/tiny-llama",
     "served_model_name": "tiny-llama",
-    "max_model_len": 256,
+    "max_model_len": 1024,
     "engine": {"max_num_seqs": 16, "max_waiting_requests": 16},
     "limits": {"max_request_body_bytes": 65536, "max_n": 4},
 }

@@ -151,7 +151,7 @@ def test_completion_stream_raw_sse(http) -> None:
         ({"prompt": "x", "n": 50}, "n"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": "x " * 400}, "prompt"),
+        ({"prompt": "x " * 1500}, "prompt"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),

@@ -33,6 +33,7 @@ class EngineCounters:
     prefix_cache_hits: int
     num_preemptions: int
     num_steps: int
+    generation_tokens: int
 
 
 class LLMEngine:
@@ -45,6 +46,7 @@ class LLMEngine:
         self._loop_task: asyncio.Task[None] | None = None
         self._fault: BaseException | None = None
         self._steps = 0
+        self._generated = 0
 
     def counters(self) -> EngineCounters:
         return EngineCounters(
@@ -55,6 +57,7 @@ class LLMEngine:
             prefix_cache_hits=self._blocks.prefix_hits,
             num_preemptions=self._scheduler.num_preemptions,
             num_steps=self._steps,
+            generation_tokens=self._generated,
         )
 
     @property
@@ -154,6 +157,7 @@ class LLMEngine:
             if seq.aborted or seq.finish_reason is not None:
                 continue
             seq.output_ids.append(tok.token_id)
+            self._generated += 1
             if seq.first_token_at is None:
                 seq.first_token_at = now
             seq.queue.put_nowait(tok)
