@@ -22,17 +22,13 @@ from parallel.runner import KVCacheSpec, SamplingSpec
 
 
 def load_runner(model: str, max_model_len: int | None = None) -> tuple[LocalModelRunner, object]:
-    runner = LocalModelRunner(
-        ModelSpec(model, None, "float32", False, max_model_len, "cpu"), KVCacheSpec(16, None, 256 * 2**20)
-    )
+    runner = LocalModelRunner(ModelSpec(model, None, "float32", False, max_model_len, "cpu"), KVCacheSpec(16, None, 256 * 2**20))
     return runner, runner.load()
 
 
 @torch.inference_mode()
 def raw_decode_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, steps: int) -> float:
-    ids = torch.randint(
-        10, model.config.vocab_size - 1, (batch, prompt_len), generator=torch.Generator().manual_seed(0)
-    )
+    ids = torch.randint(10, model.config.vocab_size - 1, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     cache = DynamicCache()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -51,9 +47,7 @@ def prefill_seconds(model: torch.nn.Module, prompt_ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def engine_decode_tokens_per_s(
-    runner: LocalModelRunner, info: object, batch: int, prompt_len: int, steps: int
-) -> float:
+def engine_decode_tokens_per_s(runner: LocalModelRunner, info: object, batch: int, prompt_len: int, steps: int) -> float:
     async def run() -> float:
         engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len))
         g = torch.Generator().manual_seed(0)

@@ -33,10 +33,17 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     }
 
 
-def build_app(args: dict[str, Any] | ShardserveArgs | None = None) -> Application:
-    """Build the shardserve application; raises pydantic.ValidationError naming a bad field."""
+def build_app(
+    args: dict[str, Any] | ShardserveArgs | None = None, llm_server_overrides: dict[str, Any] | None = None
+) -> Application:
+    """Build the shardserve application; raises pydantic.ValidationError naming a bad field.
+
+    `llm_server_overrides` is for programmatic callers (benchmarks, tests) that have no
+    `deployments:` section; it replaces options such as `ray_actor_options`.
+    """
     config = args if isinstance(args, ShardserveArgs) else ShardserveArgs.model_validate(args or {})
-    llm = serve.deployment(LLMServer).options(**llm_server_options(config)).bind(config)
+    options = {**llm_server_options(config), **(llm_server_overrides or {})}
+    llm = serve.deployment(LLMServer).options(**options).bind(config)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         max_ongoing_requests=1000,

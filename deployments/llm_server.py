@@ -68,8 +68,7 @@ class LLMServer:
         request_id = _new_request_id()
         prompt, prompt_ids, max_tokens = self._prepare(request)
         outputs: dict[int, dict] = {
-            i: {"text": [], "ids": [], "logprobs": [] if request.logprobs is not None else None}
-            for i in range(request.n)
+            i: {"text": [], "ids": [], "logprobs": [] if request.logprobs is not None else None} for i in range(request.n)
         }
         finish: dict[int, str] = {}
         async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
@@ -99,9 +98,7 @@ class LLMServer:
             prompt=prompt,
             prompt_token_ids=prompt_ids,
             outputs=completions,
-            usage=Usage(
-                prompt_tokens=len(prompt_ids), completion_tokens=generated, total_tokens=len(prompt_ids) + generated
-            ),
+            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated, total_tokens=len(prompt_ids) + generated),
         )
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -173,8 +170,7 @@ class LLMServer:
         max_tokens = request.max_tokens if request.max_tokens is not None else window - len(prompt_ids)
         if len(prompt_ids) + max_tokens > window:
             raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"context window of {window} tokens",
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window of {window} tokens",
                 param="max_tokens",
                 code="context_length_exceeded",
             )
@@ -191,9 +187,7 @@ class LLMServer:
             top_k=max(request.top_k, 0),
             logprobs=request.logprobs,
         )
-        seqs = self._engine.add(
-            prompt_ids, [(spec, base_seed + i) for i in range(request.n)], max_tokens, request.ignore_eos
-        )
+        seqs = self._engine.add(prompt_ids, [(spec, base_seed + i) for i in range(request.n)], max_tokens, request.ignore_eos)
         merged: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -247,9 +241,7 @@ class LLMServer:
                 delta = text.feed(tok.token_id, final=False)
             if text.stopped or is_eos:
                 self._engine.abort(seq)
-                yield self._chunk(
-                    request_id, index, delta, pending_ids, pending_lp, request, "stop", prompt_tokens, seq
-                )
+                yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, "stop", prompt_tokens, seq)
                 return
             if delta or request.logprobs is not None:
                 yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, None, prompt_tokens, seq)

@@ -56,7 +56,7 @@ class BuiltinModelSpec:
     seed: int = 0
 
     def fingerprint(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + CHAT_TEMPLATE + "v1"
+        blob = json.dumps(asdict(self), sort_keys=True) + CHAT_TEMPLATE + "v2"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -121,13 +121,18 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
     return target
 
 
-def _training_corpus(seed: int, lines: int = 2000) -> list[str]:
+def _training_corpus(seed: int, vocab_size: int) -> list[str]:
+    """English-like lines with enough distinct pseudo-words that BPE fills the whole vocabulary
+    (a model must never emit ids its tokenizer cannot decode)."""
     import random
 
     rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    weights = [26 - i for i in range(26)]
+    coined = ["".join(rng.choices(letters, weights, k=rng.randint(2, 9))) for _ in range(vocab_size * 2)]
     out = []
-    for _ in range(lines):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 16))]
+    for _ in range(max(2000, vocab_size)):
+        words = [rng.choice(_WORDS) if rng.random() < 0.5 else rng.choice(coined) for _ in range(rng.randint(4, 16))]
         words[0] = words[0].capitalize()
         out.append(" ".join(words) + rng.choice([".", "?", "!", ","]))
     return out
@@ -146,7 +151,9 @@ def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(spec.seed), trainer)
+    tok.train_from_iterator(_training_corpus(spec.seed, spec.vocab_size), trainer)
+    if tok.get_vocab_size() != spec.vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, the model {spec.vocab_size}")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",

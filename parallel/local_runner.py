@@ -40,9 +40,7 @@ def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, object]:
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     archs = set(getattr(hf_config, "architectures", None) or [])
     if not archs & SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ModelLoadError(f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
@@ -88,9 +86,7 @@ class LocalModelRunner:
         attn = model.model.layers[0].self_attn
         kv_heads = attn.k_proj.out_features // attn.head_dim
         layers = len(model.model.layers)
-        per_block = PagedKVCache.bytes_per_block(
-            layers, self._kv.block_size, kv_heads, attn.head_dim, DTYPES[self._spec.dtype]
-        )
+        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, attn.head_dim, DTYPES[self._spec.dtype])
         num_blocks = self._kv.num_blocks or max(1, self._kv.memory_bytes // per_block)
         cache = PagedKVCache(
             layers,

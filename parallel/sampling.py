@@ -18,9 +18,7 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
-def sample_batch(
-    logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[int], seq_ids: list[int]
-) -> list[SampledToken]:
+def sample_batch(logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[int], seq_ids: list[int]) -> list[SampledToken]:
     """Sample one token per logits row.
 
     Log-probabilities are the model's (before temperature and truncation), as vLLM and OpenAI
@@ -38,9 +36,7 @@ def sample_batch(
         if spec.logprobs:
             values, indices = torch.topk(logprobs[i], min(spec.logprobs, logprobs.shape[-1]))
             top = [(int(t), float(v)) for t, v in zip(indices, values, strict=True)]
-        out.append(
-            SampledToken(seq_id=seq_ids[i], token_id=tokens[i], logprob=float(logprobs[i, tokens[i]]), top_logprobs=top)
-        )
+        out.append(SampledToken(seq_id=seq_ids[i], token_id=tokens[i], logprob=float(logprobs[i, tokens[i]]), top_logprobs=top))
     return out
 
 

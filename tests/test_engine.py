@@ -30,15 +30,10 @@ def loaded():
 
 def prompts(count: int = 12) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
-    return [
-        torch.randint(10, 500, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist()
-        for _ in range(count)
-    ]
+    return [torch.randint(10, 500, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g).tolist() for _ in range(count)]
 
 
-async def collect(
-    engine: LLMEngine, prompt: list[int], max_tokens: int, spec: SamplingSpec = GREEDY, seed: int = 0
-) -> list[int]:
+async def collect(engine: LLMEngine, prompt: list[int], max_tokens: int, spec: SamplingSpec = GREEDY, seed: int = 0) -> list[int]:
     (seq,) = engine.add(prompt, [(spec, seed)], max_tokens, ignore_eos=True)
     return [t.token_id async for t in engine.stream(seq)]
 

@@ -11,8 +11,7 @@ def test_disconnect_mid_stream_stops_generation(server, http, engine_stats) -> N
     host, port = server.removeprefix("http://").split(":")
     body = b'{"prompt": "Hello", "max_tokens": 1000, "temperature": 0, "stream": true, "ignore_eos": true}'
     request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     before = engine_stats().generation_tokens
     sock = socket.create_connection((host, int(port)), timeout=30)

@@ -56,11 +56,7 @@ def test_completion_logprobs(openai_client) -> None:
 
 
 def test_stop_string_ends_with_stop(openai_client) -> None:
-    full = (
-        openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, temperature=0)
-        .choices[0]
-        .text
-    )
+    full = openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
     stop = full[5:8]
     assert stop
     res = openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
@@ -71,9 +67,7 @@ def test_stop_string_ends_with_stop(openai_client) -> None:
 def test_chat_completion(openai_client) -> None:
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     a = openai_client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0)
-    b = openai_client.chat.completions.create(
-        model="tiny-llama", messages=messages, max_completion_tokens=8, temperature=0
-    )
+    b = openai_client.chat.completions.create(model="tiny-llama", messages=messages, max_completion_tokens=8, temperature=0)
     assert a.choices[0].message.role == "assistant"
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.choices[0].finish_reason == "length"
@@ -130,9 +124,7 @@ def test_completion_stream_raw_sse(http) -> None:
         lines = [line for line in res.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
     events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
-    finished = {
-        e["choices"][0]["index"]: e["choices"][0]["finish_reason"] for e in events if e["choices"][0]["finish_reason"]
-    }
+    finished = {e["choices"][0]["index"]: e["choices"][0]["finish_reason"] for e in events if e["choices"][0]["finish_reason"]}
     assert finished == {0: "length", 1: "length", 2: "length", 3: "length"}
     whole = http.post("/v1/completions", json={**body, "stream": False}).json()
     for choice in whole["choices"]:

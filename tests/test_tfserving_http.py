@@ -23,16 +23,12 @@ def test_predict_inputs_columnar_and_parameters(http) -> None:
     assert res.status_code == 200, res.text
     outputs = res.json()["outputs"]
     assert outputs[0]["completion_tokens"] == 3
-    versioned = http.post(
-        "/v1/models/tiny-llama/versions/1:predict", json={"inputs": "Hello", "parameters": {"max_tokens": 3}}
-    )
+    versioned = http.post("/v1/models/tiny-llama/versions/1:predict", json={"inputs": "Hello", "parameters": {"max_tokens": 3}})
     assert versioned.json()["outputs"][0]["text"] == outputs[0]["text"]
 
 
 def test_predict_matches_openai_greedy(http) -> None:
-    tf = http.post(
-        "/v1/models/tiny-llama:predict", json={"instances": ["Hello"], "parameters": {"max_tokens": 6}}
-    ).json()
+    tf = http.post("/v1/models/tiny-llama:predict", json={"instances": ["Hello"], "parameters": {"max_tokens": 6}}).json()
     oa = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "temperature": 0}).json()
     assert tf["predictions"][0]["text"] == oa["choices"][0]["text"]
 

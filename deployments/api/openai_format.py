@@ -49,9 +49,7 @@ def sum_usage(responses: list[GenerateResponse]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def completion_body(
-    request_id: str, model: str, created: int, responses: list[GenerateResponse], n: int
-) -> dict[str, Any]:
+def completion_body(request_id: str, model: str, created: int, responses: list[GenerateResponse], n: int) -> dict[str, Any]:
     choices = [
         {
             "index": p * n + out.index,

@@ -132,9 +132,7 @@ def register(app: FastAPI, backend: Backend) -> None:
                 async for item in _chain(pending, merged):
                     pos, chunk = item
                     usage.add(pos, chunk)
-                    yield _sse(
-                        completion_chunk(request_id, backend.model_name, created, pos * body.n + chunk.index, chunk)
-                    )
+                    yield _sse(completion_chunk(request_id, backend.model_name, created, pos * body.n + chunk.index, chunk))
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse(usage_chunk(request_id, backend.model_name, created, "text_completion", usage.total()))
             except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
@@ -159,19 +157,13 @@ def register(app: FastAPI, backend: Backend) -> None:
             usage = _UsageCounter()
             try:
                 for i in range(body.n):
-                    yield _sse(
-                        chat_chunk(
-                            request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None
-                        )
-                    )
+                    yield _sse(chat_chunk(request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None))
                 async for _, chunk in _chain([first] if first else [], merged):
                     usage.add(0, chunk)
                     delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
                     yield _sse(chat_chunk(request_id, backend.model_name, created, chunk.index, delta, chunk))
                 if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(
-                        usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total())
-                    )
+                    yield _sse(usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total()))
             except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
                 yield _sse(json.loads(error_response(raw, unwrap(exc)).body))
             yield _sse("[DONE]")

@@ -1,0 +1,229 @@
+"""Serving benchmark: shardserve against its peers, side by side on the same machine and model.
+
+    python -m bench.serving            # full run (about 15 minutes on 2 CPU cores)
+    python -m bench.serving --quick    # a smoke run (a minute or two)
+
+Systems, each started for real and measured in turn: shardserve over HTTP (continuous
+batching); a naive Ray Serve deployment calling HF `generate` one request at a time;
+`@serve.batch` static batching over `generate`; `transformers serve` with and without
+`--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
+lengths (32-256) at concurrency 1, 8 and 32, plus a shared-prefix workload (512-token system
+prompt) with prefix caching on and off. In-process: the engine's decode rate against a raw
+forward loop at batch 16 (the ceiling), and one bare prefill forward (for TTFT at concurrency 1).
+Prints tables, writes JSON (bench/results/serving.json) and the markdown for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEMS = ["shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
+LABELS = {
+    "shardserve": "shardserve",
+    "naive": "naive HF generate (Ray Serve)",
+    "serve_batch": "@serve.batch + generate",
+    "tf_serve": "transformers serve",
+    "tf_serve_cb": "transformers serve --continuous-batching",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny workload, for a smoke run")
+    parser.add_argument("--model", default="shardserve/bench-llama")
+    parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
+    parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+    import ray
+    from ray import serve
+    from transformers import AutoTokenizer
+
+    from bench import workload
+    from parallel.loading import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    counts = {1: 2, 8: 8, 32: 32} if args.quick else {1: 8, 8: 32, 32: 64}
+    outputs = (8, 24) if args.quick else (32, 256)
+    loads = {c: workload.mixed_workload(tokenizer, n, seed=c, output_range=outputs) for c, n in counts.items()}
+    prefix_load = workload.shared_prefix_workload(tokenizer, 4 if args.quick else 16, seed=7)
+    warmup = workload.mixed_workload(tokenizer, 2, seed=999, output_range=(4, 8))  # never measured
+    report: dict[str, Any] = {
+        "model": args.model,
+        "quick": args.quick,
+        "levels": {},
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for system in args.systems:
+            log(f"starting {LABELS[system]}")
+            url, model_name, stop = start_system(system, args.model, model_dir, base)
+            try:
+                asyncio.run(workload.run_load(url, model_name, warmup, 2, stream=system != "naive"))
+                for c, reqs in loads.items():
+                    stream = system in ("shardserve", "tf_serve", "tf_serve_cb")
+                    results, wall = asyncio.run(workload.run_load(url, model_name, reqs, c, stream, progress=f"{system} c={c}"))
+                    report["levels"].setdefault(str(c), {})[system] = workload.summarize(results, wall)
+                if system == "shardserve":
+                    report["prefix"] = {"on": asyncio.run(prefix_ttft(url, model_name, prefix_load))}
+            finally:
+                stop()
+        if "shardserve" in args.systems:
+            log("shardserve with prefix caching off")
+            url, model_name, stop = start_system("shardserve", args.model, model_dir, base, prefix_caching=False)
+            try:
+                report["prefix"]["off"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
+            finally:
+                stop()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    log("in-process: decode ceiling and bare prefill")
+    report["ceiling"] = ceiling(args.model, args.quick)
+    report["prefill"] = bare_prefill(args.model, loads[1])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    markdown = render(report)
+    args.out.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def start_system(system: str, model: str, model_dir: str, base: str, prefix_caching: bool = True):
+    from ray import serve
+
+    from bench.peers import NaiveHF, ServeBatchHF, TransformersServe
+    from deployments.app import build_app
+
+    if system == "shardserve":
+        engine = {"max_num_seqs": 64, "max_waiting_requests": 256, "enable_prefix_caching": prefix_caching}
+        app = build_app({"model": model, "served_model_name": "bench", "engine": engine}, {"ray_actor_options": {"num_cpus": 2}})
+        serve.run(app, name="bench", route_prefix="/bench")
+        return f"{base}/bench", "bench", lambda: serve.delete("bench")
+    if system in ("naive", "serve_batch"):
+        deployment = NaiveHF if system == "naive" else ServeBatchHF
+        serve.run(deployment.bind(model_dir), name=system, route_prefix=f"/{system}")
+        return f"{base}/{system}", "bench", lambda: serve.delete(system)
+    server = TransformersServe(model_dir, free_port(), continuous_batching=system == "tf_serve_cb")
+    server.wait_ready()
+    return server.url, model_dir, server.stop
+
+
+async def prefix_ttft(url: str, model_name: str, reqs) -> dict[str, float]:
+    from bench import workload
+
+    results, wall = await workload.run_load(url, model_name, reqs, 1, stream=True)
+    return workload.summarize(results, wall)
+
+
+def ceiling(model: str, quick: bool) -> dict[str, float]:
+    from bench.ceiling import engine_decode_tokens_per_s, load_runner, raw_decode_tokens_per_s
+
+    runner, info = load_runner(model)
+    steps = 16 if quick else 64
+    raw, eng = [], []
+    for _ in range(1 if quick else 3):  # interleaved, best of: machine noise hits both alike
+        raw.append(runner.on_model_thread(raw_decode_tokens_per_s, runner.model, 16, 64, steps))
+        eng.append(engine_decode_tokens_per_s(runner, info, 16, 64, steps))
+    runner.shutdown()
+    return {"batch": 16, "raw_tokens_per_s": max(raw), "engine_tokens_per_s": max(eng), "ratio": max(eng) / max(raw)}
+
+
+def bare_prefill(model: str, reqs) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from bench.ceiling import load_runner, prefill_seconds
+    from parallel.loading import resolve_model_dir
+
+    runner, _ = load_runner(model)
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))
+    times = []
+    for r in reqs:
+        ids = tok.encode(r.prompt)
+        runner.on_model_thread(prefill_seconds, runner.model, ids)  # warm
+        times.append(min(runner.on_model_thread(prefill_seconds, runner.model, ids) for _ in range(3)))
+    runner.shutdown()
+    return {"prefill_p50_s": statistics.median(times)}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}, started {report['started']}.", ""]
+    for c, systems in report["levels"].items():
+        lines += [
+            f"**Concurrency {c}** ({next(iter(systems.values()))['requests']} requests; ratios are shardserve's advantage: "
+            "throughput ours/peer, latency peer/ours)",
+            "",
+            "| system | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | tok/s ratio | TTFT p50 ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        ours = systems.get("shardserve")
+        for name, s in systems.items():
+            ratio_tp = f"{ours['output_tokens_per_s'] / s['output_tokens_per_s']:.2f}x" if ours and name != "shardserve" else ""
+            ratio_ttft = f"{s['ttft_p50_s'] / ours['ttft_p50_s']:.2f}x" if ours and name != "shardserve" else ""
+            lines.append(
+                f"| {LABELS[name]} | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {_ms(s['ttft_p50_s'])} | "
+                f"{_ms(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} | {_ms(s['tpot_p99_s'])} | {ratio_tp} | {ratio_ttft} |"
+            )
+        lines.append("")
+    if "prefix" in report and "off" in report["prefix"]:
+        on, off = report["prefix"]["on"], report["prefix"]["off"]
+        lines += [
+            "**Shared prefix** (512-token system prompt, varied questions, concurrency 1)",
+            "",
+            "| prefix caching | TTFT p50 | TTFT p99 |",
+            "| --- | --- | --- |",
+            f"| on | {_ms(on['ttft_p50_s'])} | {_ms(on['ttft_p99_s'])} |",
+            f"| off | {_ms(off['ttft_p50_s'])} | {_ms(off['ttft_p99_s'])} |",
+            f"| on/off | {on['ttft_p50_s'] / off['ttft_p50_s']:.2f}x | |",
+            "",
+        ]
+    cl = report["ceiling"]
+    lines += [
+        f"**Decode at batch {cl['batch']}**: engine {cl['engine_tokens_per_s']:.0f} tok/s, raw forward loop "
+        f"{cl['raw_tokens_per_s']:.0f} tok/s: {cl['ratio']:.2f}x of the ceiling.",
+        "",
+    ]
+    if "1" in report["levels"] and "shardserve" in report["levels"]["1"]:
+        ttft = report["levels"]["1"]["shardserve"]["ttft_p50_s"]
+        bound = report["prefill"]["prefill_p50_s"] + 0.010
+        lines += [
+            f"**TTFT at concurrency 1**: p50 {_ms(ttft)} against a bare prefill forward + 10 ms = {_ms(bound)}: "
+            f"{ttft / bound:.2f}x.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if seconds != seconds else f"{seconds * 1000:.0f} ms"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Seeded workloads and an OpenAI-completions load generator that records per-request timings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    prompt: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft_s: float
+    e2e_s: float
+    output_tokens: int
+
+
+def mixed_workload(tokenizer, count: int, seed: int, prompt_range=(64, 512), output_range=(32, 256)) -> list[BenchRequest]:
+    """Prompts of random (but valid) tokens; lengths drawn uniformly from the ranges."""
+    rng = random.Random(seed)
+    vocab = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+    out = []
+    for _ in range(count):
+        length = rng.randint(*prompt_range)
+        out.append(_make(tokenizer, [rng.choice(vocab) for _ in range(length)], rng.randint(*output_range)))
+    return out
+
+
+def shared_prefix_workload(
+    tokenizer, count: int, seed: int, prefix_tokens: int = 512, max_tokens: int = 16
+) -> list[BenchRequest]:
+    """One long system prompt, then a short varied question: what prefix caching is for."""
+    rng = random.Random(seed)
+    vocab = [i for i in range(len(tokenizer)) if i not in set(tokenizer.all_special_ids)]
+    system = tokenizer.decode([rng.choice(vocab) for _ in range(prefix_tokens)])
+    out = []
+    for i in range(count):
+        question = f" Question {i}: " + tokenizer.decode([rng.choice(vocab) for _ in range(rng.randint(16, 48))])
+        text = system + question
+        out.append(BenchRequest(text, len(tokenizer.encode(text)), max_tokens))
+    return out
+
+
+def _make(tokenizer, ids: list[int], max_tokens: int) -> BenchRequest:
+    text = tokenizer.decode(ids)
+    return BenchRequest(text, len(tokenizer.encode(text)), max_tokens)
+
+
+async def run_load(
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    concurrency: int,
+    stream: bool,
+    extra: dict | None = None,
+    progress: str = "",
+) -> tuple[list[RequestResult], float]:
+    """Send every request with at most `concurrency` in flight; returns results and wall time."""
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+
+        async def one(req: BenchRequest) -> RequestResult:
+            nonlocal done
+            async with sem:
+                body = {
+                    "model": model,
+                    "prompt": req.prompt,
+                    "max_tokens": req.max_tokens,
+                    "temperature": 0,
+                    **(extra or {}),
+                }
+                result = await (_streamed(client, body) if stream else _whole(client, body))
+            done += 1
+            if progress and (done % max(1, len(requests) // 10) == 0 or done == len(requests)):
+                print(f"  {progress}: {done}/{len(requests)} requests", flush=True)
+            return result
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(r) for r in requests))
+        return list(results), time.perf_counter() - start
+
+
+async def _whole(client: httpx.AsyncClient, body: dict) -> RequestResult:
+    start = time.perf_counter()
+    res = await client.post("/v1/completions", json=body)
+    elapsed = time.perf_counter() - start
+    if res.status_code != 200:
+        return RequestResult(False, elapsed, elapsed, 0)
+    return RequestResult(True, elapsed, elapsed, res.json()["usage"]["completion_tokens"])
+
+
+async def _streamed(client: httpx.AsyncClient, body: dict) -> RequestResult:
+    start = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as res:
+        if res.status_code != 200:
+            await res.aread()
+            return RequestResult(False, 0.0, time.perf_counter() - start, 0)
+        async for line in res.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if first is None:
+                first = time.perf_counter()
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return RequestResult(True, (first or end) - start, end - start, tokens)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.output_tokens for r in ok)
+    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1 and r.e2e_s > r.ttft_s]
+    return {
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "output_tokens": tokens,
+        "wall_s": wall_s,
+        "output_tokens_per_s": tokens / wall_s,
+        "requests_per_s": len(ok) / wall_s,
+        "ttft_p50_s": percentile([r.ttft_s for r in ok], 50),
+        "ttft_p99_s": percentile([r.ttft_s for r in ok], 99),
+        "tpot_p50_s": percentile(tpot, 50) if tpot else float("nan"),
+        "tpot_p99_s": percentile(tpot, 99) if tpot else float("nan"),
+        "e2e_mean_s": statistics.fmean(r.e2e_s for r in ok) if ok else float("nan"),
+    }
+
+
+def as_json(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=lambda o: asdict(o))
