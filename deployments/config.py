@@ -46,6 +46,11 @@ class EngineConfig(StrictModel):
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a shared prompt prefix (system prompt, earlier chat turns)."""
 
+    stream_interval_ms: float = Field(default=20.0, ge=0)
+    """A streamed output sends its first token at once, then at most one chunk per this many
+    milliseconds (carrying every token since the last). Fewer messages through Ray Serve leave
+    the CPU to the model; 0 sends every token on its own."""
+
     request_timeout_s: float = Field(default=300.0, gt=0)
     """A request still generating after this many seconds is ended with 504."""
 

@@ -9,7 +9,6 @@ subclasses that the ingress maps to HTTP statuses.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -21,10 +20,13 @@ from transformers import AutoTokenizer
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
+from deployments.engine.scheduler import Sequence
 from deployments.errors import InvalidRequest, RequestTimeout
+from deployments.streams import merge
 from deployments.types import (
     CompletionOutput,
     EngineStats,
+    FinishReason,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -120,8 +122,7 @@ class LLMServer:
             yield chunk
 
     async def engine_stats(self) -> EngineStats:
-        c = self._engine.counters()
-        return EngineStats(**dataclasses.asdict(c))
+        return self._engine.counters()
 
     async def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
@@ -179,7 +180,7 @@ class LLMServer:
     async def _run(
         self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int
     ) -> AsyncIterator[GenerateChunk]:
-        """Run the request's n sequences and merge their chunks as they come."""
+        """Run the request's n sequences, merge their chunks as they come, enforce the timeout."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
         spec = SamplingSpec(
             temperature=request.temperature,
@@ -188,80 +189,85 @@ class LLMServer:
             logprobs=request.logprobs,
         )
         seqs = self._engine.add(prompt_ids, [(spec, base_seed + i) for i in range(request.n)], max_tokens, request.ignore_eos)
-        merged: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
-
-        async def pump(index: int) -> None:
-            try:
-                async for chunk in self._stream_one(request, request_id, index, seqs[index], len(prompt_ids)):
-                    await merged.put(chunk)
-                await merged.put(None)
-            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who re-raises
-                await merged.put(exc)
-
-        pumps = [asyncio.create_task(pump(i)) for i in range(len(seqs))]
-        remaining = len(seqs)
-        deadline = asyncio.get_running_loop().time() + self._args.engine.request_timeout_s
+        started = time.monotonic()
+        timeout_s = self._args.engine.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        merged = merge([self._stream_one(request, request_id, i, seq, len(prompt_ids)) for i, seq in enumerate(seqs)])
+        outcome = "error"
         try:
-            while remaining:
-                timeout = deadline - asyncio.get_running_loop().time()
+            while True:
                 try:
-                    item = await asyncio.wait_for(merged.get(), timeout=max(timeout, 0))
+                    async with asyncio.timeout_at(deadline):
+                        _, chunk = await anext(merged)
+                except StopAsyncIteration:
+                    outcome = ",".join(str(s.finish_reason) for s in seqs)
+                    return
                 except TimeoutError:
-                    raise RequestTimeout(
-                        f"request did not finish within request_timeout_s={self._args.engine.request_timeout_s}",
-                        code="timeout",
-                    ) from None
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
+                    outcome = "timeout"
+                    raise RequestTimeout(f"request did not finish within request_timeout_s={timeout_s}", code="timeout") from None
+                yield chunk
         finally:
-            for task in pumps:
-                task.cancel()
+            await merged.aclose()
             for seq in seqs:
-                if seq.finish_reason is None:
-                    self._engine.abort(seq)
+                self._engine.abort(seq)
+            logger.info(
+                "request %s: n=%d prompt_tokens=%d completion_tokens=%d finish=%s ttft=%s e2e=%.3fs",
+                request_id,
+                request.n,
+                len(prompt_ids),
+                sum(len(s.output_ids) for s in seqs),
+                outcome,
+                f"{seqs[0].first_token_at - started:.3f}s" if seqs[0].first_token_at else "-",
+                time.monotonic() - started,
+            )
 
     async def _stream_one(
-        self, request: GenerateRequest, request_id: str, index: int, seq, prompt_tokens: int
+        self, request: GenerateRequest, request_id: str, index: int, seq: Sequence, prompt_tokens: int
     ) -> AsyncIterator[GenerateChunk]:
+        """One output's chunks: text released by the detokenizer, ended by EOS, stop or length."""
         text = OutputText(self._tokenizer, request.stop)
-        pending_ids: list[int] = []
-        pending_lp: list[TokenLogprob] = []
-        async for tok in self._engine.stream(seq):
-            pending_ids.append(tok.token_id)
-            if request.logprobs is not None:
-                pending_lp.append(to_token_logprob(self._tokenizer, tok))
-            is_eos = tok.token_id in seq.stop_token_ids
-            if is_eos:
-                delta = text.finish()
-            else:
-                delta = text.feed(tok.token_id, final=False)
-            if text.stopped or is_eos:
-                self._engine.abort(seq)
-                yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, "stop", prompt_tokens, seq)
-                return
-            if delta or request.logprobs is not None:
-                yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, None, prompt_tokens, seq)
-                pending_ids, pending_lp = [], []
-        # The engine ended the sequence on length (or it was aborted by the consumer).
-        delta = text.finish()
-        yield self._chunk(request_id, index, delta, pending_ids, pending_lp, request, "length", prompt_tokens, seq)
+        want_logprobs = request.logprobs is not None
+        ids: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        consumed = 0
 
-    @staticmethod
-    def _chunk(request_id, index, delta, ids, lps, request, finish, prompt_tokens, seq) -> GenerateChunk:
-        return GenerateChunk(
-            request_id=request_id,
-            index=index,
-            text=delta,
-            token_ids=list(ids),
-            finish_reason=finish,
-            logprobs=list(lps) if request.logprobs is not None else None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=len(seq.output_ids),
-        )
+        def chunk(delta: str, finish: FinishReason | None) -> GenerateChunk:
+            nonlocal ids, logprobs
+            out = GenerateChunk(
+                request_id=request_id,
+                index=index,
+                text=delta,
+                token_ids=ids,
+                finish_reason=finish,
+                logprobs=logprobs if want_logprobs else None,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=consumed,
+            )
+            ids, logprobs = [], []
+            return out
+
+        interval = self._args.engine.stream_interval_ms / 1000
+        last_sent = -interval
+        delta = ""
+        async for tokens in self._engine.stream(seq):
+            for tok in tokens:
+                consumed += 1
+                ids.append(tok.token_id)
+                if want_logprobs:
+                    logprobs.append(to_token_logprob(self._tokenizer, tok))
+                if tok.token_id in seq.stop_token_ids:
+                    yield chunk(delta + text.finish(), "stop")
+                    return
+                delta += text.feed(tok.token_id, final=False)
+                if text.stopped:
+                    self._engine.abort(seq)
+                    yield chunk(delta, "stop")
+                    return
+            now = time.monotonic()
+            if (delta or want_logprobs) and now - last_sent >= interval:
+                yield chunk(delta, None)
+                delta, last_sent = "", now
+        yield chunk(delta + text.finish(), "length")
 
 
 def _new_request_id() -> str:

@@ -46,6 +46,31 @@ class PagedKVCache:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode sequences of similar context length, attended to in one padded call."""
+
+    rows: torch.Tensor  # [D] flat rows of the sequences' tokens
+    blocks: torch.Tensor  # [D, max_blocks] block tables, padded with block 0
+    mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] True where context is real
+
+
+def bucket_by_length(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
+    """Indices grouped so that padding each group to its longest wastes at most max_waste of
+    the gathered K/V (gathering padded context dominates decode time on CPU)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            total = sum(lengths[j] for j in group) + lengths[i]
+            if lengths[i] * (len(group) + 1) <= (1 + max_waste) * total:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+@dataclass
 class PreparedBatch:
     """Index tensors for one step, built once and shared by every layer.
 
@@ -56,9 +81,7 @@ class PreparedBatch:
     input_ids: torch.Tensor  # [T] new tokens of all sequences, flattened
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] where each new token's K/V goes in the flat pool
-    decode_rows: torch.Tensor  # [D] flat rows of single-token (decode) sequences
-    decode_blocks: torch.Tensor  # [D, max_blocks] block tables, padded with block 0
-    decode_mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] True where context is real
+    decode_groups: list[DecodeGroup]  # single-token sequences, bucketed by context length
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (row start, n, first position, blocks)
     logit_rows: torch.Tensor  # [S] flat rows whose logits are sampled
 
@@ -90,19 +113,27 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
             prefills.append((row, n, start, blocks.to(device)))
         if seq.sample:
             logit_rows.append(row + n - 1)
-    width = max((len(t) for t in decode_tables), default=0)
-    tables = torch.zeros((len(decode_tables), width), dtype=torch.long)
-    for i, t in enumerate(decode_tables):
-        tables[i, : len(t)] = torch.tensor(t)
-    mask = torch.arange(width * block_size)[None, :] < torch.tensor(decode_lens, dtype=torch.long)[:, None]
+    groups = []
+    for members in bucket_by_length(decode_lens):
+        width = max(len(decode_tables[i]) for i in members)
+        tables = torch.zeros((len(members), width), dtype=torch.long)
+        for k, i in enumerate(members):
+            tables[k, : len(decode_tables[i])] = torch.tensor(decode_tables[i])
+        lens = torch.tensor([decode_lens[i] for i in members], dtype=torch.long)
+        mask = torch.arange(width * block_size)[None, :] < lens[:, None]
+        groups.append(
+            DecodeGroup(
+                rows=torch.tensor([decode_rows[i] for i in members], dtype=torch.long, device=device),
+                blocks=tables.to(device),
+                mask=mask[:, None, None, :].to(device),
+            )
+        )
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     return PreparedBatch(
         input_ids=as_long(ids),
         positions=as_long(positions),
         slots=torch.cat(slot_parts).to(device),
-        decode_rows=as_long(decode_rows),
-        decode_blocks=tables.to(device),
-        decode_mask=mask[:, None, None, :].to(device),
+        decode_groups=groups,
         prefills=prefills,
         logit_rows=as_long(logit_rows),
     )
@@ -156,14 +187,14 @@ class PagedCausalLM:
         v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
         out = torch.empty_like(q)
         scale = attn.scaling
-        if batch.decode_rows.numel():
-            rows = batch.decode_rows.numel()
-            qd = q[batch.decode_rows].unsqueeze(2)  # [D, h, 1, d]
-            flat_blocks = batch.decode_blocks.flatten()
+        for group in batch.decode_groups:
+            rows = group.rows.numel()
+            qd = q[group.rows].unsqueeze(2)  # [D, h, 1, d]
+            flat_blocks = group.blocks.flatten()
             kd = k_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)  # [D, kvh, L, d]
             vd = v_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=True)
-            out[batch.decode_rows] = od.squeeze(2)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale, enable_gqa=True)
+            out[group.rows] = od.squeeze(2)
         for row, n, start, blocks in batch.prefills:
             qp = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
             kp = k_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]

@@ -35,7 +35,7 @@ def prompts(count: int = 12) -> list[list[int]]:
 
 async def collect(engine: LLMEngine, prompt: list[int], max_tokens: int, spec: SamplingSpec = GREEDY, seed: int = 0) -> list[int]:
     (seq,) = engine.add(prompt, [(spec, seed)], max_tokens, ignore_eos=True)
-    return [t.token_id async for t in engine.stream(seq)]
+    return [t.token_id async for batch in engine.stream(seq) for t in batch]
 
 
 async def alone_and_together(engine: LLMEngine, ps: list[list[int]], max_tokens: int, spec: SamplingSpec = GREEDY):

@@ -68,3 +68,34 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server, engine
     assert max(t for t, _ in refused) < min(t for code, t, _ in results if code == 200)  # refused before any finished
     assert all(r.json()["usage"]["completion_tokens"] == 60 for r in accepted)
     assert (await asyncio.to_thread(engine_stats)).num_running == 0
+
+
+def test_request_timeout_is_504_and_frees_the_engine(server) -> None:
+    import time
+
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    from .conftest import TEST_ARGS, wait_until
+
+    args = {**TEST_ARGS, "engine": {**TEST_ARGS["engine"], "request_timeout_s": 0.3}}
+    serve.run(build_app(args), name="timeout", route_prefix="/timeout")
+    try:
+        handle = serve.get_deployment_handle("LLMServer", app_name="timeout")
+        start = time.monotonic()
+        res = httpx.post(
+            f"{server}/timeout/v1/completions",
+            json={"prompt": "Hello", "max_tokens": 1000, "ignore_eos": True, "n": 4},
+            timeout=30,
+        )
+        elapsed = time.monotonic() - start
+        assert res.status_code == 504, res.text
+        assert res.json()["error"]["type"] == "timeout_error"
+        assert elapsed < 0.3 + 2.0
+        wait_until(lambda: handle.engine_stats.remote().result().num_running == 0, timeout_s=10)
+        ok = httpx.post(f"{server}/timeout/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        serve.delete("timeout")

@@ -23,6 +23,7 @@ from deployments.api.openai_format import (
 )
 from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest
 from deployments.errors import InvalidRequest, ModelNotFound
+from deployments.streams import merge
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard, Usage
 
 
@@ -60,48 +61,21 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[tuple[int, GenerateChunk]]:
-    """Interleave several chunk streams as chunks arrive; tag each with its stream's position."""
-    if len(streams) == 1:
-        async for chunk in streams[0]:
-            yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, GenerateChunk] | BaseException | None] = asyncio.Queue()
-
-    async def pump(pos: int, stream: AsyncIterator[GenerateChunk]) -> None:
-        try:
-            async for chunk in stream:
-                await queue.put((pos, chunk))
-            await queue.put(None)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by the consumer
-            await queue.put(exc)
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-async def _start_stream(
-    streams: list[AsyncIterator[GenerateChunk]],
-) -> tuple[AsyncIterator[tuple[int, GenerateChunk]], tuple[int, GenerateChunk] | None]:
+async def _start_stream(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[tuple[int, GenerateChunk]]:
     """Pull the first chunk before answering, so that a bad request still gets its 4xx status."""
-    merged = _merge(streams)
+    merged = merge(streams)
     try:
-        first = await merged.__anext__()
+        first = await anext(merged)
     except StopAsyncIteration:
         first = None
-    return merged, first
+
+    async def chained() -> AsyncIterator[tuple[int, GenerateChunk]]:
+        if first is not None:
+            yield first
+        async for item in merged:
+            yield item
+
+    return chained()
 
 
 def register(app: FastAPI, backend: Backend) -> None:
@@ -123,23 +97,17 @@ def register(app: FastAPI, backend: Backend) -> None:
         if not body.stream:
             responses = await asyncio.gather(*(backend.generate(r) for r in requests))
             return completion_body(request_id, backend.model_name, created, list(responses), body.n)
-        merged, first = await _start_stream([backend.generate_stream(r) for r in requests])
+        stream = await _start_stream([backend.generate_stream(r) for r in requests])
 
-        async def events() -> AsyncIterator[str]:
+        async def payloads() -> AsyncIterator[dict[str, Any]]:
             usage = _UsageCounter()
-            try:
-                pending = [first] if first else []
-                async for item in _chain(pending, merged):
-                    pos, chunk = item
-                    usage.add(pos, chunk)
-                    yield _sse(completion_chunk(request_id, backend.model_name, created, pos * body.n + chunk.index, chunk))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(usage_chunk(request_id, backend.model_name, created, "text_completion", usage.total()))
-            except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-                yield _sse(json.loads(error_response(raw, unwrap(exc)).body))
-            yield _sse("[DONE]")
+            async for pos, chunk in stream:
+                usage.add(pos, chunk)
+                yield completion_chunk(request_id, backend.model_name, created, pos * body.n + chunk.index, chunk)
+            if body.stream_options and body.stream_options.include_usage:
+                yield usage_chunk(request_id, backend.model_name, created, "text_completion", usage.total())
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _sse_response(raw, payloads())
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
@@ -151,31 +119,35 @@ def register(app: FastAPI, backend: Backend) -> None:
         if not body.stream:
             response = await backend.generate(request)
             return chat_body(request_id, backend.model_name, created, response)
-        merged, first = await _start_stream([backend.generate_stream(request)])
+        stream = await _start_stream([backend.generate_stream(request)])
 
-        async def events() -> AsyncIterator[str]:
+        async def payloads() -> AsyncIterator[dict[str, Any]]:
             usage = _UsageCounter()
-            try:
-                for i in range(body.n):
-                    yield _sse(chat_chunk(request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None))
-                async for _, chunk in _chain([first] if first else [], merged):
-                    usage.add(0, chunk)
-                    delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
-                    yield _sse(chat_chunk(request_id, backend.model_name, created, chunk.index, delta, chunk))
-                if body.stream_options and body.stream_options.include_usage:
-                    yield _sse(usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total()))
-            except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band
-                yield _sse(json.loads(error_response(raw, unwrap(exc)).body))
-            yield _sse("[DONE]")
+            for i in range(body.n):
+                yield chat_chunk(request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None)
+            async for _, chunk in stream:
+                usage.add(0, chunk)
+                delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
+                yield chat_chunk(request_id, backend.model_name, created, chunk.index, delta, chunk)
+            if body.stream_options and body.stream_options.include_usage:
+                yield usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total())
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return _sse_response(raw, payloads())
 
 
-async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+def _sse_response(raw: Request, payloads: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Server-Sent Events ending with [DONE]. An error after the status line was sent is
+    reported in-band, in the same error shape."""
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for payload in payloads:
+                yield _sse(payload)
+        except Exception as exc:  # noqa: BLE001 - mapped to the error body, never a traceback
+            yield _sse(json.loads(error_response(raw, unwrap(exc)).body))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 class _UsageCounter:

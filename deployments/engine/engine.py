@@ -13,27 +13,15 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
 from deployments.engine.scheduler import Scheduled, Scheduler, Sequence
 from deployments.errors import EngineFault
+from deployments.types import EngineStats
 from parallel.runner import ModelInfo, ModelRunner, SampledToken, SamplingSpec, SequenceStep, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineCounters:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_steps: int
-    generation_tokens: int
 
 
 class LLMEngine:
@@ -48,8 +36,8 @@ class LLMEngine:
         self._steps = 0
         self._generated = 0
 
-    def counters(self) -> EngineCounters:
-        return EngineCounters(
+    def counters(self) -> EngineStats:
+        return EngineStats(
             num_running=len(self._scheduler.running),
             num_waiting=len(self._scheduler.waiting),
             kv_cache_usage=self._blocks.usage(),
@@ -83,16 +71,24 @@ class LLMEngine:
             seq.aborted = True
             self._wakeup.set()
 
-    async def stream(self, seq: Sequence) -> AsyncIterator[SampledToken]:
-        """Tokens of seq as they are sampled; aborts the sequence if the consumer goes away."""
+    async def stream(self, seq: Sequence) -> AsyncIterator[list[SampledToken]]:
+        """Tokens of seq as they are sampled, every token already there in one list (a slow
+        consumer gets fewer, larger pieces); aborts the sequence if the consumer goes away."""
         try:
             while True:
-                item = await seq.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                items = [await seq.queue.get()]
+                while not seq.queue.empty():
+                    items.append(seq.queue.get_nowait())
+                tokens = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is None:
+                        if tokens:
+                            yield tokens
+                        return
+                    tokens.append(item)
+                yield tokens
         finally:
             self.abort(seq)
 
@@ -149,7 +145,11 @@ class LLMEngine:
         for s in batch:
             seq = s.seq
             seq.num_computed = s.start + s.num_tokens
-            if seq.table is not None:
+            if (
+                self._blocks.enable_prefix_caching
+                and seq.table is not None
+                and seq.num_computed // self._blocks.block_size > len(seq.table.hashes)
+            ):
                 self._blocks.register_full_blocks(seq.table, seq.tokens(0, seq.num_computed), seq.num_computed)
             if not s.samples:
                 continue
