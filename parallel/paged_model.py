@@ -197,10 +197,15 @@ class PagedCausalLM:
             out[group.rows] = od.squeeze(2)
         for row, n, start, blocks in batch.prefills:
             qp = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            kp = k_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
-            vp = v_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
-            keys = torch.arange(kp.shape[2], device=x.device)
-            causal = keys[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=True)
+            if start == 0:  # nothing cached before this chunk: attend to its own K/V, causally
+                kp = k[row : row + n].transpose(0, 1).unsqueeze(0)
+                vp = v[row : row + n].transpose(0, 1).unsqueeze(0)
+                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+            else:
+                kp = k_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
+                vp = v_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
+                keys = torch.arange(kp.shape[2], device=x.device)
+                causal = keys[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
+                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=True)
             out[row : row + n] = op[0].transpose(0, 1)
         return out.reshape(tokens, -1)
