@@ -94,6 +94,7 @@ def main() -> None:
                     report["prefix"] = {"on": asyncio.run(prefix_ttft(url, model_name, prefix_load))}
             finally:
                 stop()
+            save(args.out, report)  # partial results survive a failure later in the run
         if "shardserve" in args.systems:
             log("shardserve with prefix caching off")
             url, model_name, stop = start_system("shardserve", args.model, model_dir, base, prefix_caching=False)
@@ -108,12 +109,16 @@ def main() -> None:
     log("in-process: decode ceiling and bare prefill")
     report["ceiling"] = ceiling(args.model, args.quick)
     report["prefill"] = bare_prefill(args.model, loads[1])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    save(args.out, report)
     markdown = render(report)
     args.out.with_suffix(".md").write_text(markdown)
     print(markdown)
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def save(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
 
 
 def start_system(system: str, model: str, model_dir: str, base: str, prefix_caching: bool = True):

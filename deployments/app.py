@@ -14,6 +14,7 @@ from ray.serve import Application
 from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
+from parallel.placement import replica_bundles
 
 
 def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
@@ -23,7 +24,7 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     queue. When every replica is that full, Serve's router holds at most `max_waiting_requests`
     more per caller and refuses the rest at once (503), so no queue anywhere is unbounded.
     """
-    return {
+    options: dict[str, Any] = {
         "name": "LLMServer",
         "max_ongoing_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
         "max_queued_requests": args.engine.max_waiting_requests,
@@ -31,6 +32,12 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
         "health_check_timeout_s": 30,
         "ray_actor_options": {"num_cpus": 1},
     }
+    if args.world_size > 1:
+        # The replica (it only drives) and its ranks are reserved and released together.
+        spec = args.parallel_spec()
+        options["placement_group_bundles"] = replica_bundles(args.world_size, spec.cpus_per_rank, spec.gpus_per_rank, 1)
+        options["placement_group_strategy"] = spec.placement_strategy
+    return options
 
 
 def build_app(

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from parallel.distributed_runner import ParallelSpec
 from parallel.loading import ModelSpec
 from parallel.runner import KVCacheSpec
 
@@ -77,6 +78,30 @@ class LimitsConfig(StrictModel):
     """Most alternatives per token in `logprobs` / `top_logprobs`."""
 
 
+class ParallelConfig(StrictModel):
+    """How the ranks of a sharded replica (tensor_parallel_size x pipeline_parallel_size > 1)
+    are placed and supervised."""
+
+    cpus_per_rank: float = Field(default=1.0, gt=0)
+    """CPUs reserved for each rank actor (its torch threads)."""
+
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] | None = None
+    """Placement group strategy for a replica and its ranks; None: STRICT_PACK (one node) when
+    pipeline_parallel_size is 1, PACK otherwise (pipeline stages may span nodes)."""
+
+    micro_batches: int = Field(default=0, ge=0)
+    """Micro-batches per step with pipeline parallelism, so that stages work at once;
+    0: one per pipeline stage. 1 turns the overlap off."""
+
+    step_timeout_s: float = Field(default=30.0, gt=0)
+    """A step, or a collective inside it, that takes longer fails the in-flight requests and
+    marks the replica unhealthy (Ray Serve then replaces it with a fresh group of ranks)."""
+
+    load_timeout_s: float = Field(default=300.0, gt=0)
+    """Most time for placing, starting and loading the ranks; past it the replica fails to
+    start with a message naming the missing resource."""
+
+
 class ShardserveArgs(StrictModel):
     """The `args:` of a shardserve application in serve_config.yaml."""
 
@@ -99,6 +124,16 @@ class ShardserveArgs(StrictModel):
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint to run. Off: it executes arbitrary code."""
 
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """Ranks that split each layer's heads and MLP (DeepSpeed AutoTP). Must divide the
+    model's attention and key/value head counts."""
+
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    """Pipeline stages, each holding a contiguous run of decoder layers."""
+
+    parallel: ParallelConfig = ParallelConfig()
+    """Placement and supervision of the ranks when the model is sharded."""
+
     max_model_len: int | None = Field(default=None, ge=16)
     """Context window (prompt + generated tokens); defaults to the model's own."""
 
@@ -110,6 +145,23 @@ class ShardserveArgs(StrictModel):
 
     limits: LimitsConfig = LimitsConfig()
     """Per-request bounds."""
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def parallel_spec(self) -> ParallelSpec:
+        par = self.parallel
+        return ParallelSpec(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            cpus_per_rank=par.cpus_per_rank,
+            gpus_per_rank=1.0 if self.device == "cuda" else 0.0,
+            placement_strategy=par.placement_strategy or ("STRICT_PACK" if self.pipeline_parallel_size == 1 else "PACK"),
+            micro_batches=par.micro_batches or self.pipeline_parallel_size,
+            step_timeout_s=par.step_timeout_s,
+            load_timeout_s=par.load_timeout_s,
+        )
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(

@@ -34,9 +34,10 @@ from deployments.types import (
     TokenLogprob,
     Usage,
 )
+from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import SamplingSpec
+from parallel.runner import ModelRunner, SamplingSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,7 +47,7 @@ class LLMServer:
         self._args = args
         model_dir = resolve_model_dir(args.model, args.revision)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
-        self._runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
+        self._runner = make_runner(args)
         self._info = self._runner.load()
         self._engine = LLMEngine(self._runner, self._info, args.engine)
         self._created = int(time.time())
@@ -130,6 +131,12 @@ class LLMServer:
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
         self._engine.health()
+
+    def __del__(self) -> None:
+        # Rank actors die with their owner anyway; stopping them first frees their memory now.
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.shutdown()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -268,6 +275,13 @@ class LLMServer:
                 yield chunk(delta, None)
                 delta, last_sent = "", now
         yield chunk(delta + text.finish(), "length")
+
+
+def make_runner(args: ShardserveArgs) -> ModelRunner:
+    """The replica's runner: in-process for one rank, rank actors for a sharded model."""
+    if args.world_size == 1:
+        return LocalModelRunner(args.model_spec(), args.kv_cache_spec())
+    return DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
 
 
 def _new_request_id() -> str:

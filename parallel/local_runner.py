@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
 from parallel.paged_model import SUPPORTED_ARCHITECTURES, PagedCausalLM, PagedKVCache, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
-from parallel.sampling import sample_batch
+from parallel.sampling import sample_step
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class LocalModelRunner:
     def step(self, step_input: StepInput) -> StepOutput:
         return self._thread.submit(self._step, step_input).result()
 
+    def logits(self, step_input: StepInput) -> torch.Tensor:
+        """Logits rows a step would sample from (tests compare sharded runners against these)."""
+        return self.on_model_thread(lambda: self._paged.forward(prepare(step_input, self._kv.block_size, self._spec.device)))
+
     def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn on the model thread (benchmarks time raw forwards there, like the steps)."""
         return self._thread.submit(fn, *args).result()
@@ -84,7 +88,7 @@ class LocalModelRunner:
         model, hf_config = load_hf_model(self._spec)
         window = context_window(hf_config, self._spec.max_model_len)
         attn = model.model.layers[0].self_attn
-        kv_heads = attn.k_proj.out_features // attn.head_dim
+        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
         layers = len(model.model.layers)
         per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, attn.head_dim, DTYPES[self._spec.dtype])
         num_blocks = self._kv.num_blocks or max(1, self._kv.memory_bytes // per_block)
@@ -123,16 +127,7 @@ class LocalModelRunner:
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"
         batch = prepare(step_input, self._kv.block_size, self._spec.device)
-        logits = self._paged.forward(batch)
-        sampled = [s for s in step_input.seqs if s.sample]
-        return StepOutput(
-            tokens=sample_batch(
-                logits,
-                [s.sampling for s in sampled],
-                [s.sample_seed for s in sampled],
-                [s.seq_id for s in sampled],
-            )
-        )
+        return sample_step(self._paged.forward(batch), step_input)
 
     def health(self) -> None:
         if self._paged is None:

@@ -140,7 +140,12 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
 
 
 class PagedCausalLM:
-    """Wraps a loaded HF causal LM; `forward` returns the logits rows to sample from."""
+    """Wraps a loaded HF causal LM, whole or one pipeline stage of it.
+
+    A stage model holds only its decoder layers; the first stage also has the embeddings, the
+    last the final norm and LM head (absent modules are None). The KV pool covers the layers
+    held here, and the heads held here when AutoTP has sharded the projections.
+    """
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache) -> None:
         arch = type(model).__name__
@@ -151,10 +156,22 @@ class PagedCausalLM:
         self.layers = list(model.model.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads held here (fewer than the config's when tensor-parallel)."""
+        return self.layers[0].self_attn.k_proj.weight.shape[0] // self.head_dim
+
     @torch.inference_mode()
-    def forward(self, batch: PreparedBatch) -> torch.Tensor:
+    def forward(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits rows to sample from on the last stage; hidden states [T, H] otherwise.
+
+        The first stage embeds the batch's token ids; a later stage continues from `hidden`,
+        the previous stage's output.
+        """
         inner = self.model.model
-        hidden = inner.embed_tokens(batch.input_ids)  # [T, H]
+        if inner.embed_tokens is not None:
+            hidden = inner.embed_tokens(batch.input_ids)  # [T, H]
+        assert hidden is not None, "a stage without embeddings needs the previous stage's hidden states"
         cos, sin = inner.rotary_emb(hidden, batch.positions[None, :])
         cos, sin = cos[0], sin[0]  # [T, d]
         for layer_idx, layer in enumerate(self.layers):
@@ -163,8 +180,10 @@ class PagedCausalLM:
             attn_out = self._attention(layer.self_attn, layer_idx, x, cos, sin, batch)
             hidden = residual + layer.self_attn.o_proj(attn_out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        if self.model.lm_head is None:
+            return hidden
         last = inner.norm(hidden[batch.logit_rows])
-        return self.model.lm_head(last)
+        return self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
 
     def _attention(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.runner import SampledToken, SamplingSpec
+from parallel.runner import SampledToken, SamplingSpec, StepInput, StepOutput
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -53,3 +53,11 @@ def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> 
         drop = (cumulative - sorted_probs) >= spec.top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
+    """Sample for the sequences of a step that want a token (one logits row each, in order)."""
+    wanted = [s for s in step_input.seqs if s.sample]
+    return StepOutput(
+        tokens=sample_batch(logits, [s.sampling for s in wanted], [s.sample_seed for s in wanted], [s.seq_id for s in wanted])
+    )

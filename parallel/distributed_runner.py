@@ -1,0 +1,242 @@
+"""ModelRunner over tensor_parallel_size x pipeline_parallel_size rank actors.
+
+The replica process drives; the ranks compute. Rank actors live in the replica's placement
+group (Ray Serve reserves it from `placement_group_bundles`, one bundle per rank after the
+replica's own), so a replica and its ranks are scheduled, and released, together. Each step is
+split into micro-batches: stage s works on micro-batch m+1 while stage s+1 works on m, because
+Ray runs each actor's calls in submission order and the stages hand activations to each other
+directly over torch.distributed.
+
+Every wait is bounded: placement, rendezvous and load by `load_timeout_s`, a step by
+`step_timeout_s`. A rank that dies or hangs fails the step with an error, never a hang; the
+runner then kills its ranks so that none is left blocked in a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
+from parallel.local_runner import context_window
+from parallel.paged_model import SUPPORTED_ARCHITECTURES, PagedKVCache
+from parallel.placement import ParallelLayout, check_heads, replica_bundles
+from parallel.rank_worker import DTYPES, RankReport, RankWorker
+from parallel.runner import KVCacheSpec, ModelInfo, SampledToken, StepInput, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+class RunnerFault(RuntimeError):
+    """A rank died, a collective timed out or a step overran: the runner cannot continue."""
+
+
+@dataclass(frozen=True)
+class ParallelSpec:
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    cpus_per_rank: float
+    gpus_per_rank: float
+    placement_strategy: str
+    micro_batches: int
+    step_timeout_s: float
+    load_timeout_s: float
+
+
+class DistributedModelRunner:
+    def __init__(self, spec: ModelSpec, kv: KVCacheSpec, parallel: ParallelSpec) -> None:
+        self._spec = spec
+        self._kv = kv
+        self._parallel = parallel
+        self._workers: list[ray.actor.ActorHandle] = []
+        self._own_pg: PlacementGroup | None = None
+        self._layout: ParallelLayout | None = None
+        self.reports: list[RankReport] = []
+        self._fault: str | None = None
+
+    def load(self) -> ModelInfo:
+        spec, par = self._spec, self._parallel
+        path = resolve_model_dir(spec.model, spec.revision)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        archs = set(getattr(hf_config, "architectures", None) or [])
+        if not archs & SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"architecture {sorted(archs)} cannot be sharded; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+        try:
+            layout = ParallelLayout(par.tensor_parallel_size, par.pipeline_parallel_size, hf_config.num_hidden_layers)
+            check_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, par.tensor_parallel_size)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        self._layout = layout
+        window = context_window(hf_config, spec.max_model_len)
+        num_blocks = self._num_blocks(hf_config, layout)
+        start = time.monotonic()
+        pg, offset = self._placement_group(layout.world_size)
+        self._workers = [
+            ray.remote(RankWorker)
+            .options(
+                num_cpus=par.cpus_per_rank,
+                num_gpus=par.gpus_per_rank,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=offset + r),
+                max_restarts=0,
+            )
+            .remote()
+            for r in range(layout.world_size)
+        ]
+        try:
+            rendezvous = ray.get(self._workers[0].address.remote(), timeout=par.load_timeout_s)
+            self.reports = ray.get(
+                [
+                    w.setup.remote(r, layout, rendezvous, spec, num_blocks, self._kv.block_size, par.step_timeout_s)
+                    for r, w in enumerate(self._workers)
+                ],
+                timeout=par.load_timeout_s,
+            )
+        except Exception as exc:
+            self.shutdown()
+            raise ModelLoadError(f"loading {layout.world_size} ranks failed: {type(exc).__name__}: {exc}") from exc
+        eos = hf_config.eos_token_id
+        logger.info(
+            "loaded %s on tp=%d x pp=%d ranks in %.1fs; per-rank parameter MiB %s",
+            spec.model,
+            layout.tensor_parallel_size,
+            layout.pipeline_parallel_size,
+            time.monotonic() - start,
+            [round(r.parameter_bytes / 2**20, 1) for r in self.reports],
+        )
+        return ModelInfo(
+            vocab_size=hf_config.vocab_size,
+            max_model_len=window,
+            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            num_parameters=_count_parameters(path),
+            dtype=spec.dtype,
+            num_kv_blocks=num_blocks,
+            block_size=self._kv.block_size,
+        )
+
+    def step(self, step_input: StepInput) -> StepOutput:
+        if self._fault is not None:
+            raise RunnerFault(self._fault)
+        micro = _split(step_input, self._micro_batches(len(step_input.seqs)))
+        last_rank = self._layout.world_size - self._layout.tensor_parallel_size  # type: ignore[union-attr]
+        refs = [[w.step.remote(mb) for w in self._workers] for mb in micro]
+        flat = [ref for per_mb in refs for ref in per_mb]
+        _, pending = ray.wait(flat, num_returns=len(flat), timeout=self._parallel.step_timeout_s)
+        try:
+            if pending:
+                raise RunnerFault(f"a step took longer than step_timeout_s={self._parallel.step_timeout_s}")
+            ray.get(flat)  # surfaces a dead rank's error
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise RunnerFault(self._fault) from exc
+        tokens: list[SampledToken] = []
+        for per_mb in refs:
+            tokens.extend(ray.get(per_mb[last_rank]).tokens)
+        return StepOutput(tokens=tokens)
+
+    def logits(self, step_input: StepInput):
+        """Last-stage logits for a step, whole (tests compare them with an unsharded model)."""
+        refs = [w.logits.remote(step_input) for w in self._workers]
+        return ray.get(refs, timeout=self._parallel.step_timeout_s)[-1]
+
+    def health(self) -> None:
+        if self._fault is not None:
+            raise RunnerFault(self._fault)
+        try:
+            ray.get([w.ping.remote() for w in self._workers], timeout=10)
+        except Exception as exc:
+            self._fail(f"a rank does not answer: {type(exc).__name__}")
+            raise RunnerFault(self._fault) from exc
+
+    def shutdown(self) -> None:
+        for w in self._workers:
+            ray.kill(w, no_restart=True)
+        self._workers = []
+        if self._own_pg is not None:
+            remove_placement_group(self._own_pg)
+            self._own_pg = None
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        logger.error("sharded runner failed: %s; stopping its ranks", reason)
+        self._fault = reason
+        self.shutdown()
+
+    def _micro_batches(self, num_seqs: int) -> int:
+        pp = self._parallel.pipeline_parallel_size
+        return 1 if pp == 1 else max(1, min(self._parallel.micro_batches, num_seqs))
+
+    def _num_blocks(self, hf_config: object, layout: ParallelLayout) -> int:
+        if self._kv.num_blocks:
+            return self._kv.num_blocks
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        layers = max(b - a for a, b in (layout.stage_layers(s) for s in range(layout.pipeline_parallel_size)))
+        kv_heads = hf_config.num_key_value_heads // layout.tensor_parallel_size
+        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, head_dim, DTYPES[self._spec.dtype])
+        return max(1, self._kv.memory_bytes // per_block)
+
+    def _placement_group(self, world: int) -> tuple[PlacementGroup, int]:
+        """The replica's own group (inside Serve; ranks take bundles 1..N) or one made here."""
+        current = get_current_placement_group()
+        if current is not None:
+            if len(current.bundle_specs) < world + 1:
+                raise ModelLoadError(f"the replica's placement group has {len(current.bundle_specs)} bundles; {world + 1} needed")
+            return current, 1
+        par = self._parallel
+        bundles = replica_bundles(world, par.cpus_per_rank, par.gpus_per_rank, replica_cpus=0)[1:]
+        pg = placement_group(bundles, strategy=par.placement_strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=par.load_timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            raise ModelLoadError(_unplaceable(world, par))
+        self._own_pg = pg
+        return pg, 0
+
+
+def _unplaceable(world: int, par: ParallelSpec) -> str:
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    need = f"{world} ranks x {par.cpus_per_rank} CPU" + (f" + {par.gpus_per_rank} GPU" if par.gpus_per_rank else "")
+    return (
+        f"cannot place {need} ({par.placement_strategy}) within load_timeout_s={par.load_timeout_s}: "
+        f"cluster has CPU {total.get('CPU', 0):g} (free {free.get('CPU', 0):g}), GPU {total.get('GPU', 0):g} "
+        f"(free {free.get('GPU', 0):g})"
+    )
+
+
+def _split(step_input: StepInput, parts: int) -> list[StepInput]:
+    """Micro-batches of about equal token counts, sequences kept in order."""
+    if parts <= 1:
+        return [step_input]
+    total = sum(len(s.token_ids) for s in step_input.seqs)
+    out: list[StepInput] = []
+    current: list = []
+    acc = 0
+    for seq in step_input.seqs:
+        current.append(seq)
+        acc += len(seq.token_ids)
+        if acc >= total * (len(out) + 1) / parts and len(out) < parts - 1:
+            out.append(StepInput(seqs=current))
+            current = []
+    if current:
+        out.append(StepInput(seqs=current))
+    return out
+
+
+def _count_parameters(path: Path) -> int:
+    """Parameters in the checkpoint, read from the safetensors headers (no tensor is loaded)."""
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():
+                total += math.prod(fh.get_slice(key).get_shape())
+    return total

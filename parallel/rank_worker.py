@@ -1,0 +1,184 @@
+"""One rank of a sharded model replica, run as a Ray actor inside the replica's placement group.
+
+A rank holds one pipeline stage's layers (its share of their heads when tensor-parallel, via
+DeepSpeed AutoTP) and the matching slice of the KV pool. Every step it gets the same StepInput
+as its peers: the first stage embeds the tokens, later stages receive the previous stage's
+hidden states over torch.distributed, and the last stage samples. Tensor-parallel peers
+all-reduce inside their stage's process group (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from parallel.loading import ModelSpec, resolve_model_dir
+from parallel.paged_model import PagedCausalLM, PagedKVCache, prepare
+from parallel.placement import ParallelLayout, RankPlacement
+from parallel.runner import StepInput, StepOutput
+from parallel.sampling import sample_step
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """What a rank loaded, for ModelInfo and for the memory figures in BENCHMARKS.md."""
+
+    rank: int
+    stage: int
+    layers: tuple[int, int]
+    kv_heads: int
+    parameter_bytes: int
+    peak_rss_bytes: int
+    load_seconds: float
+
+
+class _StageMPU:
+    """The model-parallel-unit object DeepSpeed asks for: this stage's tensor-parallel group."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self._group = group
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._group
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(group=self._group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(group=self._group)
+
+
+class RankWorker:
+    def __init__(self) -> None:
+        self._paged: PagedCausalLM | None = None
+        self._placement: RankPlacement | None = None
+
+    def address(self) -> str:
+        """This node's address and a free port on it, for rank 0's rendezvous (never 0.0.0.0)."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def setup(
+        self,
+        rank: int,
+        layout: ParallelLayout,
+        rendezvous: str,
+        spec: ModelSpec,
+        num_blocks: int,
+        block_size: int,
+        timeout_s: float,
+    ) -> RankReport:
+        start = time.monotonic()
+        placement = layout.rank(rank)
+        self._placement, self._layout, self._block_size, self._device = placement, layout, block_size, spec.device
+        backend = "nccl" if spec.device == "cuda" else "gloo"
+        if spec.device == "cuda":
+            torch.cuda.set_device(0)  # Ray gives each rank actor its own GPU as device 0
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{rendezvous}",
+            rank=rank,
+            world_size=layout.world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        # Every rank creates every stage's group, in the same order (a collective requirement).
+        groups = [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pipeline_parallel_size)]
+        tp_group = groups[placement.stage]
+
+        from transformers import AutoConfig
+
+        from parallel.stage_loading import load_stage
+
+        path = resolve_model_dir(spec.model, spec.revision)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        dtype = DTYPES[spec.dtype]
+        model = load_stage(
+            path,
+            hf_config,
+            placement.layers,
+            placement.is_first_stage,
+            layout.is_last_stage(placement.stage),
+            dtype,
+            spec.trust_remote_code,
+        )
+        if layout.tensor_parallel_size > 1:
+            model = _shard_with_autotp(model, tp_group, layout.tensor_parallel_size, dtype, spec.device)
+        model = model.to(spec.device)
+        head_dim = model.model.layers[0].self_attn.head_dim
+        kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // head_dim
+        cache = PagedKVCache(len(model.model.layers), num_blocks, block_size, kv_heads, head_dim, dtype, spec.device)
+        self._paged = PagedCausalLM(model, cache)
+        self._hidden_size = hf_config.hidden_size
+        self._dtype = dtype
+        return RankReport(
+            rank=rank,
+            stage=placement.stage,
+            layers=placement.layers,
+            kv_heads=kv_heads,
+            parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            load_seconds=time.monotonic() - start,
+        )
+
+    def step(self, step_input: StepInput) -> StepOutput | None:
+        """Run this rank's part of one (micro-)batch; the last stage's first rank returns tokens."""
+        logits = self._run_stage(step_input)
+        if logits is None or self._placement.tp_rank != 0:  # type: ignore[union-attr]
+            return None
+        return sample_step(logits, step_input)
+
+    def logits(self, step_input: StepInput) -> torch.Tensor | None:
+        """The last stage's logits rows for a step (tests compare sharded against whole)."""
+        logits = self._run_stage(step_input)
+        return None if logits is None else logits.float().cpu()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def _run_stage(self, step_input: StepInput) -> torch.Tensor | None:
+        """Receive from the previous stage, run this stage, send on; logits on the last stage."""
+        assert self._paged is not None and self._placement is not None, "setup() first"
+        placement, tp = self._placement, self._layout.tensor_parallel_size
+        batch = prepare(step_input, self._block_size, self._device)
+        hidden = None
+        if not placement.is_first_stage:
+            hidden = torch.empty((batch.input_ids.numel(), self._hidden_size), dtype=self._dtype, device=self._device)
+            dist.recv(hidden, src=placement.rank - tp)
+        out = self._paged.forward(batch, hidden)
+        if not self._layout.is_last_stage(placement.stage):
+            dist.send(out.contiguous(), dst=placement.rank + tp)
+            return None
+        return out
+
+
+def _shard_with_autotp(
+    model: torch.nn.Module, group: dist.ProcessGroup, tp: int, dtype: torch.dtype, device: str
+) -> torch.nn.Module:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # DeepSpeed's CPU shared-memory all-reduce reduces over the whole world, not the stage's
+    # group, and needs a JIT compile: use torch.distributed's all-reduce on the group instead.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    engine = deepspeed.init_inference(
+        model,
+        tensor_parallel={"tp_size": tp, "tp_group": group, "mpu": _StageMPU(group), "tp_grain_size": 8},
+        dtype=dtype,
+        replace_with_kernel_inject=False,
+    )
+    return engine.module
