@@ -24,7 +24,7 @@ def sample_batch(logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[in
     Log-probabilities are the model's (before temperature and truncation), as vLLM and OpenAI
     report them.
     """
-    logits = logits.float()
+    logits = logits.float().cpu()  # generators and Python-side sampling live on the CPU
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, spec in enumerate(specs):
