@@ -125,11 +125,13 @@ def start_system(system: str, model: str, model_dir: str, base: str, prefix_cach
     from ray import serve
 
     from bench.peers import NaiveHF, ServeBatchHF, TransformersServe
-    from deployments.app import build_app
+    from deployments.app import bind_app
+    from deployments.config import ShardserveArgs
 
     if system == "shardserve":
         engine = {"max_num_seqs": 64, "max_waiting_requests": 256, "enable_prefix_caching": prefix_caching}
-        app = build_app({"model": model, "served_model_name": "bench", "engine": engine}, {"ray_actor_options": {"num_cpus": 2}})
+        config = ShardserveArgs(model=model, served_model_name="bench", engine=engine)
+        app = bind_app(config, {"ray_actor_options": {"num_cpus": 2}})
         serve.run(app, name="bench", route_prefix="/bench")
         return f"{base}/bench", "bench", lambda: serve.delete("bench")
     if system in ("naive", "serve_batch"):

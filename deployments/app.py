@@ -40,15 +40,14 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     return options
 
 
-def build_app(
-    args: dict[str, Any] | ShardserveArgs | None = None, llm_server_overrides: dict[str, Any] | None = None
-) -> Application:
-    """Build the shardserve application; raises pydantic.ValidationError naming a bad field.
+def build_app(args: dict[str, Any]) -> Application:
+    """The `import_path` target: validates `args` (pydantic.ValidationError names a bad field)."""
+    return bind_app(ShardserveArgs.model_validate(args or {}))
 
-    `llm_server_overrides` is for programmatic callers (benchmarks, tests) that have no
-    `deployments:` section; it replaces options such as `ray_actor_options`.
-    """
-    config = args if isinstance(args, ShardserveArgs) else ShardserveArgs.model_validate(args or {})
+
+def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None = None) -> Application:
+    """The application for a validated config. `llm_server_overrides` is for programmatic
+    callers (benchmarks, tests) that have no `deployments:` section, e.g. `ray_actor_options`."""
     options = {**llm_server_options(config), **(llm_server_overrides or {})}
     llm = serve.deployment(LLMServer).options(**options).bind(config)
     ingress = serve.deployment(Ingress).options(

@@ -24,13 +24,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
-from transformers import AutoConfig
 
-from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
-from parallel.local_runner import context_window
-from parallel.paged_model import SUPPORTED_ARCHITECTURES, PagedKVCache
+from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
+from parallel.paged_model import PagedKVCache
 from parallel.placement import ParallelLayout, check_heads, replica_bundles
-from parallel.rank_worker import DTYPES, RankReport, RankWorker
+from parallel.rank_worker import RankReport, RankWorker
 from parallel.runner import KVCacheSpec, ModelInfo, SampledToken, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -65,11 +63,7 @@ class DistributedModelRunner:
 
     def load(self) -> ModelInfo:
         spec, par = self._spec, self._parallel
-        path = resolve_model_dir(spec.model, spec.revision)
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        archs = set(getattr(hf_config, "architectures", None) or [])
-        if not archs & SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"architecture {sorted(archs)} cannot be sharded; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+        path, hf_config = load_model_config(spec)
         try:
             layout = ParallelLayout(par.tensor_parallel_size, par.pipeline_parallel_size, hf_config.num_hidden_layers)
             check_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, par.tensor_parallel_size)
@@ -103,7 +97,6 @@ class DistributedModelRunner:
         except Exception as exc:
             self.shutdown()
             raise ModelLoadError(f"loading {layout.world_size} ranks failed: {type(exc).__name__}: {exc}") from exc
-        eos = hf_config.eos_token_id
         logger.info(
             "loaded %s on tp=%d x pp=%d ranks in %.1fs; per-rank parameter MiB %s",
             spec.model,
@@ -115,7 +108,7 @@ class DistributedModelRunner:
         return ModelInfo(
             vocab_size=hf_config.vocab_size,
             max_model_len=window,
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            eos_token_ids=eos_token_ids(hf_config),
             num_parameters=_count_parameters(path),
             dtype=spec.dtype,
             num_kv_blocks=num_blocks,

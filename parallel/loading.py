@@ -10,11 +10,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
 from parallel.builtin_models import ensure_builtin_model, is_builtin
 
 logger = logging.getLogger(__name__)
 
 _HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Architectures the paged forward (parallel/paged_model.py) runs: Llama-style decoder layers.
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
 
 
 class ModelLoadError(RuntimeError):
@@ -70,3 +79,29 @@ def _download_from_hub(model_id: str, revision: str | None) -> Path:
     path = Path(local)
     _require_safetensors(path)
     return path
+
+
+def load_model_config(spec: ModelSpec) -> tuple[Path, PretrainedConfig]:
+    """The checkpoint's directory and config, refusing architectures we cannot run."""
+    path = resolve_model_dir(spec.model, spec.revision)
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    archs = set(getattr(hf_config, "architectures", None) or [])
+    if not archs & SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    return path, hf_config
+
+
+def context_window(hf_config: PretrainedConfig, requested: int | None) -> int:
+    """The context window: the config's `max_model_len`, bounded by the model's own."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if requested is not None and limit is not None and requested > limit:
+        raise ModelLoadError(f"max_model_len {requested} exceeds the model's context window {limit}")
+    window = requested or limit
+    if window is None:
+        raise ModelLoadError("the model config has no max_position_embeddings; set max_model_len")
+    return window
+
+
+def eos_token_ids(hf_config: PretrainedConfig) -> tuple[int, ...]:
+    eos = hf_config.eos_token_id
+    return tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())

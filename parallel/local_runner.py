@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
-from parallel.paged_model import SUPPORTED_ARCHITECTURES, PagedCausalLM, PagedKVCache, prepare
+from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
+from parallel.paged_model import PagedCausalLM, PagedKVCache, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
 from parallel.sampling import sample_step
 
@@ -20,27 +20,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def context_window(hf_config: object, requested: int | None) -> int:
-    """The context window: the config's `max_model_len`, bounded by the model's own."""
-    limit = getattr(hf_config, "max_position_embeddings", None)
-    if requested is not None and limit is not None and requested > limit:
-        raise ModelLoadError(f"max_model_len {requested} exceeds the model's context window {limit}")
-    window = requested or limit
-    if window is None:
-        raise ModelLoadError("the model config has no max_position_embeddings; set max_model_len")
-    return window
-
-
-def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, object]:
-    """Load weights (safetensors only) and refuse architectures the paged forward cannot run."""
-    path = resolve_model_dir(spec.model, spec.revision)
-    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    archs = set(getattr(hf_config, "architectures", None) or [])
-    if not archs & SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig]:
+    """Load the whole model (safetensors only)."""
+    path, hf_config = load_model_config(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
@@ -102,11 +85,10 @@ class LocalModelRunner:
             self._spec.device,
         )
         self._paged = PagedCausalLM(model, cache)
-        eos = hf_config.eos_token_id
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
             max_model_len=window,
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
+            eos_token_ids=eos_token_ids(hf_config),
             num_parameters=sum(p.numel() for p in model.parameters()),
             dtype=self._spec.dtype,
             num_kv_blocks=num_blocks,

@@ -18,8 +18,6 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from parallel.runner import StepInput
 
-SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-
 
 class PagedKVCache:
     """K and V for every layer: [num_layers, num_blocks, block_size, kv_heads, head_dim]."""
@@ -148,9 +146,6 @@ class PagedCausalLM:
     """
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache) -> None:
-        arch = type(model).__name__
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {arch} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
         self.model = model
         self.cache = cache
         self.layers = list(model.model.layers)

@@ -19,13 +19,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.loading import ModelSpec, resolve_model_dir
+from parallel.loading import DTYPES, ModelSpec, load_model_config
 from parallel.paged_model import PagedCausalLM, PagedKVCache, prepare
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import StepInput, StepOutput
 from parallel.sampling import sample_step
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -98,12 +96,9 @@ class RankWorker:
         groups = [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pipeline_parallel_size)]
         tp_group = groups[placement.stage]
 
-        from transformers import AutoConfig
-
         from parallel.stage_loading import load_stage
 
-        path = resolve_model_dir(spec.model, spec.revision)
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        path, hf_config = load_model_config(spec)
         dtype = DTYPES[spec.dtype]
         model = load_stage(
             path,

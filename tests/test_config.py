@@ -14,6 +14,12 @@ from deployments.config import ShardserveArgs, config_reference_markdown
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_build_app_takes_one_argument_as_serve_requires() -> None:
+    import inspect
+
+    assert len(inspect.signature(build_app).parameters) == 1
+
+
 def test_embedded_default_config_validates() -> None:
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     (app,) = config["applications"]

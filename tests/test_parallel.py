@@ -18,7 +18,7 @@ import torch
 from ray import serve
 from ray._private import state as gcs_state
 
-from deployments.app import build_app
+from deployments.app import bind_app
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel.distributed_runner import DistributedModelRunner
@@ -117,7 +117,8 @@ def test_impossible_layouts_are_refused_at_load(ray_cluster) -> None:
 @pytest.fixture(scope="module")
 def sharded_app(server):
     args = {**TEST_ARGS, "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "parallel": {"step_timeout_s": 10}}
-    serve.run(build_app(args, {"health_check_period_s": 1, "health_check_timeout_s": 5}), name="sharded", route_prefix="/sharded")
+    overrides = {"health_check_period_s": 1, "health_check_timeout_s": 5}
+    serve.run(bind_app(ShardserveArgs.model_validate(args), overrides), name="sharded", route_prefix="/sharded")
     wait_until(lambda: httpx.get(f"{server}/sharded/ready", timeout=5).status_code == 200, timeout_s=120)
     yield f"{server}/sharded"
     serve.delete("sharded")
