@@ -169,3 +169,12 @@ def test_local_directory_loads_like_builtin(loaded) -> None:
     directory = str(resolve_model_dir("shardserve/tiny-llama"))
     other = LocalModelRunner(ModelSpec(directory, None, "float32", False, 256, "cpu"), KVCacheSpec(4, 64, 0))
     assert other.load().num_parameters == info.num_parameters
+
+
+def test_unsupported_architecture_is_refused_at_load(tmp_path) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    spec = ModelSpec(str(tmp_path), None, "float32", False, None, "cpu")
+    with pytest.raises(ModelLoadError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
+        LocalModelRunner(spec, KVCacheSpec(4, 8, 0)).load()

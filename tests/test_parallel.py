@@ -114,6 +114,31 @@ def test_impossible_layouts_are_refused_at_load(ray_cluster) -> None:
     assert not alive_ranks()
 
 
+async def http_texts(base: str) -> list[str]:
+    """Greedy completions of the 16 prompts, sent concurrently."""
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        responses = await asyncio.gather(
+            *(client.post("/v1/completions", json={"prompt": p, "max_tokens": 12, "temperature": 0}) for p in PROMPTS)
+        )
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return [r.json()["choices"][0]["text"] for r in responses]
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+async def test_http_tokens_match_tp_or_pp(server, tp, pp) -> None:
+    # Runs before the module's tp=2 x pp=2 app exists: the test cluster holds one sharded app at a time.
+    name = f"tp{tp}pp{pp}"
+    serve.run(
+        bind_app(ShardserveArgs.model_validate({**TEST_ARGS, "tensor_parallel_size": tp, "pipeline_parallel_size": pp})),
+        name=name,
+        route_prefix=f"/{name}",
+    )
+    try:
+        assert await http_texts(f"{server}/{name}") == await http_texts(server)
+    finally:
+        serve.delete(name)
+
+
 @pytest.fixture(scope="module")
 def sharded_app(server):
     args = {**TEST_ARGS, "tensor_parallel_size": 2, "pipeline_parallel_size": 2, "parallel": {"step_timeout_s": 10}}
@@ -124,16 +149,8 @@ def sharded_app(server):
     serve.delete("sharded")
 
 
-async def test_http_tokens_match_across_tp_pp(server, sharded_app) -> None:
-    async def texts(base: str) -> list[str]:
-        async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-            responses = await asyncio.gather(
-                *(client.post("/v1/completions", json={"prompt": p, "max_tokens": 12, "temperature": 0}) for p in PROMPTS)
-            )
-        assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-        return [r.json()["choices"][0]["text"] for r in responses]
-
-    assert await texts(sharded_app) == await texts(server)
+async def test_http_tokens_match_tp2_pp2(server, sharded_app) -> None:
+    assert await http_texts(sharded_app) == await http_texts(server)
 
 
 def test_killed_rank_fails_fast_then_replica_recovers(sharded_app) -> None:
