@@ -14,7 +14,7 @@ from ray.serve import Application
 from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
-from parallel.placement import replica_bundles
+from parallel.placement import replica_bundles, unplaceable_reason
 
 
 def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
@@ -49,6 +49,8 @@ def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None
     """The application for a validated config. `llm_server_overrides` is for programmatic
     callers (benchmarks, tests) that have no `deployments:` section, e.g. `ray_actor_options`."""
     options = {**llm_server_options(config), **(llm_server_overrides or {})}
+    if "placement_group_bundles" in options and not config.parallel.allow_pending_placement:
+        _check_placeable(options["placement_group_bundles"], options["placement_group_strategy"])
     llm = serve.deployment(LLMServer).options(**options).bind(config)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
@@ -56,3 +58,21 @@ def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(llm, config)
+
+
+def _check_placeable(bundles: list[dict[str, float]], strategy: str) -> None:
+    """Fail the build, naming the missing resource, rather than leave a replica pending forever.
+
+    The builder runs on the cluster (`serve run`/`serve deploy`), so Ray is up; elsewhere
+    (building without a cluster) there is nothing to check against.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    reason = unplaceable_reason(bundles, strategy, nodes)
+    if reason is not None:
+        raise ValueError(
+            f"cannot place the sharded LLMServer: {reason}; set parallel.allow_pending_placement on an autoscaling cluster"
+        )

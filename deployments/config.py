@@ -97,6 +97,11 @@ class ParallelConfig(StrictModel):
     """A step, or a collective inside it, that takes longer fails the in-flight requests and
     marks the replica unhealthy (Ray Serve then replaces it with a fresh group of ranks)."""
 
+    allow_pending_placement: bool = False
+    """Deploy even when no node of the cluster as it is now can hold a replica and its ranks
+    (set it on autoscaling clusters, where nodes join on demand); otherwise building the app
+    fails at once naming the missing resource instead of leaving the replica pending."""
+
     load_timeout_s: float = Field(default=300.0, gt=0)
     """Most time for placing, starting and loading the ranks; past it the replica fails to
     start with a message naming the missing resource."""

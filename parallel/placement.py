@@ -76,3 +76,28 @@ def replica_bundles(world_size: int, cpus_per_rank: float, gpus_per_rank: float,
     if gpus_per_rank:
         rank_bundle["GPU"] = gpus_per_rank
     return [{"CPU": replica_cpus}] + [dict(rank_bundle) for _ in range(world_size)]
+
+
+def unplaceable_reason(bundles: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> str | None:
+    """Why a placement group cannot be placed on these nodes (their total resources), or None.
+
+    STRICT_PACK needs one node holding every bundle; the other strategies need the cluster's
+    sum. (A check on totals: whether the resources are free right now is Ray's business.)
+    """
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, amount in bundle.items():
+            need[key] = need.get(key, 0.0) + amount
+    if strategy == "STRICT_PACK":
+        best = max(nodes, key=lambda n: sum(min(n.get(k, 0.0) / v, 1.0) for k, v in need.items() if v), default={})
+        missing = {k: v for k, v in need.items() if best.get(k, 0.0) < v}
+        where = "on any one node (STRICT_PACK)"
+        have = best
+    else:
+        have = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+        missing = {k: v for k, v in need.items() if have.get(k, 0.0) < v}
+        where = f"in the whole cluster ({strategy})"
+    if not missing:
+        return None
+    parts = ", ".join(f"{k} {v:g} (largest available {have.get(k, 0.0):g})" for k, v in sorted(missing.items()))
+    return f"a replica and its ranks need {parts} {where}"

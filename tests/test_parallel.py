@@ -204,3 +204,13 @@ def test_gpu_bf16_runner_matches_cpu_tokens(reference) -> None:
     # bf16 rounds differently from fp32: most, not all, greedy tokens agree.
     agree = sum(a == b for x, y in zip(tokens, ref_tokens, strict=True) for a, b in zip(x, y, strict=True))
     assert agree >= 0.8 * sum(len(x) for x in ref_tokens)
+
+
+def test_unplaceable_sharded_app_fails_to_build_naming_the_resource(ray_cluster) -> None:
+    args = ShardserveArgs.model_validate({**TEST_ARGS, "tensor_parallel_size": 2, "parallel": {"cpus_per_rank": 64}})
+    with pytest.raises(ValueError, match=r"need CPU 129 .*STRICT_PACK"):
+        bind_app(args)
+    pending = ShardserveArgs.model_validate(
+        {**TEST_ARGS, "tensor_parallel_size": 2, "parallel": {"cpus_per_rank": 64, "allow_pending_placement": True}}
+    )
+    bind_app(pending)  # builds; the replica would wait for nodes to join

@@ -50,3 +50,16 @@ def test_sharded_replica_reserves_its_ranks() -> None:
     single_node = llm_server_options(ShardserveArgs(tensor_parallel_size=2))
     assert single_node["placement_group_strategy"] == "STRICT_PACK"
     assert "placement_group_bundles" not in llm_server_options(ShardserveArgs())
+
+
+def test_unplaceable_reason_names_the_missing_resource() -> None:
+    from parallel.placement import unplaceable_reason
+
+    bundles = replica_bundles(4, 2.0, 0.0, 1)  # 9 CPUs in all
+    two_nodes = [{"CPU": 8.0}, {"CPU": 8.0}]
+    assert unplaceable_reason(bundles, "PACK", two_nodes) is None
+    reason = unplaceable_reason(bundles, "STRICT_PACK", two_nodes)
+    assert reason is not None and "CPU 9 (largest available 8)" in reason and "STRICT_PACK" in reason
+    gpu = replica_bundles(2, 1.0, 1.0, 1)
+    reason = unplaceable_reason(gpu, "STRICT_PACK", [{"CPU": 16.0}])
+    assert reason is not None and "GPU 2 (largest available 0)" in reason
