@@ -178,3 +178,36 @@ def test_unsupported_architecture_is_refused_at_load(tmp_path) -> None:
     spec = ModelSpec(str(tmp_path), None, "float32", False, None, "cpu")
     with pytest.raises(ModelLoadError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
         LocalModelRunner(spec, KVCacheSpec(4, 8, 0)).load()
+
+
+class _FailingRunner:
+    """A runner whose device fails on the third step (fault injection around the real runner)."""
+
+    def __init__(self, inner: LocalModelRunner) -> None:
+        self.inner, self.steps = inner, 0
+
+    def step(self, step_input):
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("device lost")
+        return self.inner.step(step_input)
+
+    def health(self) -> None:
+        self.inner.health()
+
+
+async def test_runner_fault_fails_in_flight_requests_and_health(loaded) -> None:
+    from deployments.errors import EngineFault
+
+    runner, info = loaded
+    engine = LLMEngine(_FailingRunner(runner), info, EngineConfig())
+    seqs = [engine.add([5, 6, 7], [(GREEDY, 0)], 50, ignore_eos=True)[0] for _ in range(3)]
+    for seq in seqs:
+        with pytest.raises(EngineFault):
+            async with asyncio.timeout(10):
+                async for _ in engine.stream(seq):
+                    pass
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.health()
+    with pytest.raises(EngineFault):
+        engine.add([5], [(GREEDY, 0)], 5, ignore_eos=True)

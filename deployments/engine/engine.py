@@ -102,28 +102,33 @@ class LLMEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
 
     async def _run_loop(self) -> None:
+        """Steps until idle. Any failure (the runner's, or a bug here) ends every in-flight request
+        with a 500 and marks the engine unhealthy, so that Serve replaces the replica: nothing
+        is left waiting on a loop that died."""
+        try:
+            while True:
+                await self._iterate()
+        except Exception as exc:
+            logger.exception("engine step failed")
+            self._fault = exc
+            self._fail_all(EngineFault("the model runner failed while generating"))
+
+    async def _iterate(self) -> None:
         scheduler = self._scheduler
-        while True:
-            for seq in scheduler.drop_aborted():
-                self._end(seq, "abort")
-            batch = scheduler.schedule()
-            if not batch:
-                self._wakeup.clear()
-                if not scheduler.has_work():
-                    await self._wakeup.wait()
-                else:  # blocked on KV blocks held by nothing running: cannot happen, but never spin
-                    await asyncio.sleep(0.001)
-                continue
-            step_input = StepInput(seqs=[self._feed(s) for s in batch])
-            try:
-                output = await asyncio.to_thread(self._runner.step, step_input)
-            except Exception as exc:  # a runner fault ends every in-flight request, not the replica
-                logger.exception("model runner step failed")
-                self._fault = exc
-                self._fail_all(EngineFault("the model runner failed while generating"))
-                return
-            self._steps += 1
-            self._apply(batch, output)
+        for seq in scheduler.drop_aborted():
+            self._end(seq, "abort")
+        batch = scheduler.schedule()
+        if not batch:
+            self._wakeup.clear()
+            if not scheduler.has_work():
+                await self._wakeup.wait()
+            else:  # blocked on KV blocks held by nothing running: cannot happen, but never spin
+                await asyncio.sleep(0.001)
+            return
+        step_input = StepInput(seqs=[self._feed(s) for s in batch])
+        output = await asyncio.to_thread(self._runner.step, step_input)
+        self._steps += 1
+        self._apply(batch, output)
 
     @staticmethod
     def _feed(s: Scheduled) -> SequenceStep:
