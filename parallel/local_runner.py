@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
-from parallel.paged_model import PagedCausalLM, PagedKVCache, prepare
+from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
 from parallel.sampling import sample_step
 
@@ -70,20 +70,11 @@ class LocalModelRunner:
         start = time.monotonic()
         model, hf_config = load_hf_model(self._spec)
         window = context_window(hf_config, self._spec.max_model_len)
-        attn = model.model.layers[0].self_attn
-        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
-        layers = len(model.model.layers)
-        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, attn.head_dim, DTYPES[self._spec.dtype])
+        layers, kv_heads, head_dim = kv_shape(model)
+        dtype = DTYPES[self._spec.dtype]
+        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, head_dim, dtype)
         num_blocks = self._kv.num_blocks or max(1, self._kv.memory_bytes // per_block)
-        cache = PagedKVCache(
-            layers,
-            num_blocks,
-            self._kv.block_size,
-            kv_heads,
-            attn.head_dim,
-            DTYPES[self._spec.dtype],
-            self._spec.device,
-        )
+        cache = PagedKVCache(layers, num_blocks, self._kv.block_size, kv_heads, head_dim, dtype, self._spec.device)
         self._paged = PagedCausalLM(model, cache)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,

@@ -43,6 +43,13 @@ class PagedKVCache:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head_dim) held by this model: fewer layers on a pipeline stage,
+    fewer heads when AutoTP has sharded the projections (read from the weights, not the config)."""
+    attn = model.model.layers[0].self_attn
+    return len(model.model.layers), attn.k_proj.weight.shape[0] // attn.head_dim, attn.head_dim
+
+
 @dataclass
 class DecodeGroup:
     """Decode sequences of similar context length, attended to in one padded call."""
@@ -150,11 +157,6 @@ class PagedCausalLM:
         self.cache = cache
         self.layers = list(model.model.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads held here (fewer than the config's when tensor-parallel)."""
-        return self.layers[0].self_attn.k_proj.weight.shape[0] // self.head_dim
 
     @torch.inference_mode()
     def forward(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:

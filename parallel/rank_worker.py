@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.loading import DTYPES, ModelSpec, load_model_config
-from parallel.paged_model import PagedCausalLM, PagedKVCache, prepare
+from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import StepInput, StepOutput
 from parallel.sampling import sample_step
@@ -112,9 +112,8 @@ class RankWorker:
         if layout.tensor_parallel_size > 1:
             model = _shard_with_autotp(model, tp_group, layout.tensor_parallel_size, dtype, spec.device)
         model = model.to(spec.device)
-        head_dim = model.model.layers[0].self_attn.head_dim
-        kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // head_dim
-        cache = PagedKVCache(len(model.model.layers), num_blocks, block_size, kv_heads, head_dim, dtype, spec.device)
+        layers, kv_heads, head_dim = kv_shape(model)
+        cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, spec.device)
         self._paged = PagedCausalLM(model, cache)
         self._hidden_size = hf_config.hidden_size
         self._dtype = dtype

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engine.block_manager import BlockManager, NoFreeBlocks
+from deployments.engine.block_manager import BlockManager, NoFreeBlocks, TokenRange
+
+
+def span(tokens: list[int]) -> TokenRange:
+    return lambda start, end: tokens[start:end]
 
 
 def test_allocate_and_free_returns_every_block() -> None:
@@ -30,7 +34,7 @@ def test_prefix_hit_shares_full_blocks_only_after_they_are_computed() -> None:
     a = bm.allocate_prompt(prompt)
     b_before = bm.allocate_prompt(prompt)
     assert b_before.cached_tokens == 0  # nothing registered yet
-    bm.register_full_blocks(a, prompt, num_computed=10)  # 2 full blocks
+    bm.register_full_blocks(a, span(prompt), num_computed=10)  # 2 full blocks
     c = bm.allocate_prompt([*prompt, 99, 98])
     assert c.cached_tokens == 8 and c.blocks[:2] == a.blocks[:2]
     assert bm.prefix_hits == 8
@@ -40,7 +44,7 @@ def test_last_token_is_always_computed() -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
     prompt = list(range(8))  # exactly two blocks
     a = bm.allocate_prompt(prompt)
-    bm.register_full_blocks(a, prompt, 8)
+    bm.register_full_blocks(a, span(prompt), 8)
     again = bm.allocate_prompt(prompt)
     assert again.cached_tokens == 4  # the second block holds the last token: recomputed
 
@@ -49,7 +53,7 @@ def test_different_earlier_block_means_no_hit() -> None:
     bm = BlockManager(num_blocks=16, block_size=4)
     a_prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9]
     a = bm.allocate_prompt(a_prompt)
-    bm.register_full_blocks(a, a_prompt, 9)
+    bm.register_full_blocks(a, span(a_prompt), 9)
     b = bm.allocate_prompt([0, 2, 3, 4, 5, 6, 7, 8, 9])  # same second block, different first
     assert b.cached_tokens == 0
 
@@ -58,10 +62,10 @@ def test_freed_cached_blocks_survive_until_evicted_lru() -> None:
     bm = BlockManager(num_blocks=4, block_size=2)
     p1, p2 = [1, 2, 3], [7, 8, 9]
     t1 = bm.allocate_prompt(p1, reserve=0)  # 2 blocks
-    bm.register_full_blocks(t1, p1, 3)
+    bm.register_full_blocks(t1, span(p1), 3)
     bm.free(t1)
     t2 = bm.allocate_prompt(p2, reserve=0)  # takes the 2 never-used blocks
-    bm.register_full_blocks(t2, p2, 3)
+    bm.register_full_blocks(t2, span(p2), 3)
     bm.free(t2)
     assert bm.num_free == 4
     again = bm.allocate_prompt(p1, reserve=0)
@@ -77,7 +81,7 @@ def test_prefix_caching_off_never_shares() -> None:
     bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
     p = list(range(12))
     a = bm.allocate_prompt(p)
-    bm.register_full_blocks(a, p, 12)
+    bm.register_full_blocks(a, span(p), 12)
     assert bm.allocate_prompt(p).cached_tokens == 0
     assert bm.prefix_queries == 0
 

@@ -18,7 +18,7 @@ from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.errors import RequestTooLarge, ShardserveError
+from deployments.errors import InvalidRequest, ModelNotFound, RequestTooLarge, ShardserveError
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,14 +61,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        from deployments.errors import InvalidRequest
-
         message, param = _validation_message(exc)
         return error_response(request, InvalidRequest(message, param=param))
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        from deployments.errors import ModelNotFound
-
         if exc.status_code == 404:
             return error_response(request, ModelNotFound(f"no route {request.url.path}", param=None, code="not_found"))
         err = ShardserveError(str(exc.detail))

@@ -10,7 +10,11 @@ evicted.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+TokenRange = Callable[[int, int], list[int]]
+"""tokens(start, end): a sequence's tokens in [start, end)."""
 
 
 class NoFreeBlocks(Exception):
@@ -74,11 +78,12 @@ class BlockManager:
         (allocating nothing) when the pool cannot hold it.
         """
         table = BlockTable()
-        hashes = self._full_block_hashes(tokens)
         cached: list[int] = []
+        hashes: list[int] = []
         if self.enable_prefix_caching:
             usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
-            for h in hashes[:usable]:
+            hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, None)
+            for h in hashes:
                 block_id = self._by_hash.get(h)
                 if block_id is None:
                     break
@@ -105,15 +110,17 @@ class BlockManager:
         for _ in range(extra):
             table.blocks.append(self._take())
 
-    def register_full_blocks(self, table: BlockTable, tokens: list[int], num_computed: int) -> None:
-        """Index the blocks whose tokens are all computed, so later prompts can share them."""
+    def register_full_blocks(self, table: BlockTable, tokens: TokenRange, num_computed: int) -> None:
+        """Index the blocks whose tokens are all computed, so later prompts can share them.
+
+        `tokens(start, end)` gives the sequence's tokens in a range: only blocks not indexed yet
+        are read, so calling this after every step costs nothing between block boundaries.
+        """
         if not self.enable_prefix_caching:
             return
-        full = num_computed // self.block_size
-        while len(table.hashes) < full:
-            i = len(table.hashes)
-            parent = table.hashes[-1] if table.hashes else None
-            h = chain_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+        first = len(table.hashes)
+        parent = table.hashes[-1] if table.hashes else None
+        for i, h in enumerate(self._block_hashes(tokens, first, num_computed // self.block_size, parent), start=first):
             table.hashes.append(h)
             block = self._blocks[table.blocks[i]]
             if block.block_hash is None and h not in self._by_hash:
@@ -135,11 +142,12 @@ class BlockManager:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _full_block_hashes(self, tokens: list[int]) -> list[int]:
+    def _block_hashes(self, tokens: TokenRange, first: int, stop: int, parent: int | None) -> list[int]:
+        """Chained hashes of blocks [first, stop), continuing from the hash of block first-1."""
         hashes: list[int] = []
-        parent = None
-        for i in range(len(tokens) // self.block_size):
-            parent = chain_hash(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+        bs = self.block_size
+        for i in range(first, stop):
+            parent = chain_hash(parent, tuple(tokens(i * bs, (i + 1) * bs)))
             hashes.append(parent)
         return hashes
 

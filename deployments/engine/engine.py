@@ -150,12 +150,8 @@ class LLMEngine:
         for s in batch:
             seq = s.seq
             seq.num_computed = s.start + s.num_tokens
-            if (
-                self._blocks.enable_prefix_caching
-                and seq.table is not None
-                and seq.num_computed // self._blocks.block_size > len(seq.table.hashes)
-            ):
-                self._blocks.register_full_blocks(seq.table, seq.tokens(0, seq.num_computed), seq.num_computed)
+            if seq.table is not None:
+                self._blocks.register_full_blocks(seq.table, seq.tokens, seq.num_computed)
             if not s.samples:
                 continue
             tok = next(sampled)

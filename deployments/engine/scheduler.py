@@ -102,12 +102,10 @@ class Scheduler:
         dropped = [s for s in self.running if s.aborted]
         for seq in dropped:
             self.finish(seq)
-        while self.waiting and self.waiting[0].aborted:
-            dropped.append(self.waiting.popleft())
-        if any(s.aborted for s in self.waiting):
-            dropped.extend(s for s in self.waiting if s.aborted)
+        waiting_dropped = [s for s in self.waiting if s.aborted]
+        if waiting_dropped:
             self.waiting = deque(s for s in self.waiting if not s.aborted)
-        return dropped
+        return dropped + waiting_dropped
 
     def finish(self, seq: Sequence) -> None:
         if seq.table is not None:
@@ -120,12 +118,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         out: list[Scheduled] = []
         for seq in list(self.running):
+            if budget == 0:
+                break
             if seq not in self.running:  # preempted while making room for an earlier one
                 continue
-            remaining = seq.num_tokens - seq.num_computed
-            n = min(remaining, budget) if remaining > 1 else 1
-            if n == 0 or (n > budget):
-                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)  # a decode: 1; a prefill: next chunk
             if not self._grow(seq, seq.num_computed + n, out):
                 continue
             out.append(Scheduled(seq, seq.num_computed, n))
