@@ -104,3 +104,21 @@ def engine_stats(server: str) -> Callable[[], Any]:
 
     handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
     return lambda: handle.engine_stats.remote().result(timeout_s=10)
+
+
+SLOW_MAX_TOKENS = 1800
+
+
+@pytest.fixture(scope="session")
+def slow_app(server: str) -> Iterator[tuple[str, Callable[[], Any]]]:
+    """The 32M-parameter bench model (~5 ms a token here): a long generation outlasts any
+    cancellation by seconds, so tests of disconnects do not race the model."""
+    from ray import serve
+
+    from deployments.app import build_app
+
+    args = {"model": "shardserve/bench-llama", "served_model_name": "slow", "limits": TEST_ARGS["limits"]}
+    serve.run(build_app(args), name="slow", route_prefix="/slow")
+    handle = serve.get_deployment_handle("LLMServer", app_name="slow")
+    yield f"{server}/slow", lambda: handle.engine_stats.remote().result(timeout_s=10)
+    serve.delete("slow")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import socket
 
-from .conftest import wait_until
+from .conftest import SLOW_MAX_TOKENS, wait_until
 
 
-def test_disconnect_mid_stream_stops_generation(server, http, engine_stats) -> None:
-    host, port = server.removeprefix("http://").split(":")
-    body = b'{"prompt": "Hello", "max_tokens": 1000, "temperature": 0, "stream": true, "ignore_eos": true}'
+def test_disconnect_mid_stream_stops_generation(slow_app, http) -> None:
+    base, engine_stats = slow_app
+    host, port = base.removeprefix("http://").split("/")[0].split(":")
+    body = b'{"prompt": "Hello", "max_tokens": %d, "temperature": 0, "stream": true, "ignore_eos": true}' % SLOW_MAX_TOKENS
     request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"POST /slow/v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     before = engine_stats().generation_tokens
     sock = socket.create_connection((host, int(port)), timeout=30)
@@ -21,7 +23,7 @@ def test_disconnect_mid_stream_stops_generation(server, http, engine_stats) -> N
         received += sock.recv(4096)
     sock.close()
     wait_until(lambda: engine_stats().num_running == 0, timeout_s=20)
-    assert engine_stats().generation_tokens - before < 1000  # stopped long before max_tokens
+    assert engine_stats().generation_tokens - before < SLOW_MAX_TOKENS  # stopped long before max_tokens
     assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
