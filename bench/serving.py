@@ -130,7 +130,8 @@ def start_system(system: str, model: str, model_dir: str, base: str, prefix_cach
 
     if system == "shardserve":
         engine = {"max_num_seqs": 64, "max_waiting_requests": 256, "enable_prefix_caching": prefix_caching}
-        config = ShardserveArgs(model=model, served_model_name="bench", engine=engine)
+        # The result cache is off: this bench measures generation (bench/result_cache.py the cache).
+        config = ShardserveArgs(model=model, served_model_name="bench", engine=engine, cache={"enabled": False})
         app = bind_app(config, {"ray_actor_options": {"num_cpus": 2}})
         serve.run(app, name="bench", route_prefix="/bench")
         return f"{base}/bench", "bench", lambda: serve.delete("bench")

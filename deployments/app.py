@@ -14,6 +14,7 @@ from ray.serve import Application
 from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
+from deployments.metrics import MetricsHub
 from parallel.placement import replica_bundles, unplaceable_reason
 
 
@@ -51,13 +52,16 @@ def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None
     options = {**llm_server_options(config), **(llm_server_overrides or {})}
     if "placement_group_bundles" in options and not config.parallel.allow_pending_placement:
         _check_placeable(options["placement_group_bundles"], options["placement_group_strategy"])
-    llm = serve.deployment(LLMServer).options(**options).bind(config)
+    hub = serve.deployment(MetricsHub).options(
+        name="MetricsHub", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+    ).bind()
+    llm = serve.deployment(LLMServer).options(**options).bind(config, hub)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(llm, config)
+    return ingress.bind(llm, config, hub)
 
 
 def _check_placeable(bundles: list[dict[str, float]], strategy: str) -> None:

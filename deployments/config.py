@@ -78,6 +78,41 @@ class LimitsConfig(StrictModel):
     """Most alternatives per token in `logprobs` / `top_logprobs`."""
 
 
+class ResultCacheConfig(StrictModel):
+    """The exact-result cache in front of the LLM server. Only reproducible answers are cached:
+    greedy (temperature 0) or sampled with an explicit seed."""
+
+    enabled: bool = True
+    """Look requests up before generating and store reproducible answers."""
+
+    url: str | None = None
+    """None: an in-process cache per ingress replica. `redis://host:port/db`: one Redis shared by
+    every ingress replica, surviving their restarts (bound its memory with Redis's own
+    `maxmemory` and `maxmemory-policy allkeys-lru`)."""
+
+    max_entries: int = Field(default=4096, ge=1)
+    """Most answers held by the in-process cache; the least recently used go first."""
+
+    max_bytes: int = Field(default=64 * 2**20, ge=1024)
+    """Most bytes of answers held by the in-process cache; the least recently used go first."""
+
+    max_entry_bytes: int = Field(default=1 * 2**20, ge=256)
+    """Answers larger than this are not cached (either backend)."""
+
+    ttl_s: float = Field(default=3600.0, gt=0)
+    """An entry is served for at most this many seconds after it was stored."""
+
+    redis_timeout_s: float = Field(default=0.05, gt=0)
+    """A Redis call slower than this is given up: the request is served uncached, with a warning
+    and `shardserve:result_cache_errors_total`, never failed."""
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> ResultCacheConfig:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("cache.url must be a redis://, rediss:// or unix:// URL")
+        return self
+
+
 class ParallelConfig(StrictModel):
     """How the ranks of a sharded replica (tensor_parallel_size x pipeline_parallel_size > 1)
     are placed and supervised."""
@@ -150,6 +185,9 @@ class ShardserveArgs(StrictModel):
 
     limits: LimitsConfig = LimitsConfig()
     """Per-request bounds."""
+
+    cache: ResultCacheConfig = ResultCacheConfig()
+    """Exact-result cache in front of the LLM server."""
 
     @property
     def world_size(self) -> int:

@@ -12,42 +12,84 @@ from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api import openai_routes, tfserving_routes
-from deployments.api.http_errors import RequestGuard, install_error_handlers
+from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
+from deployments.cache import ResultCache, StreamRecorder, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import Overloaded
+from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, llm_server: DeploymentHandle, args: ShardserveArgs) -> None:
+    def __init__(self, llm_server: DeploymentHandle, args: ShardserveArgs, metrics_hub: DeploymentHandle | None = None) -> None:
         self._llm = llm_server
         self._args = args
         self.model_name = args.model_name
         self.max_prompts = args.limits.max_prompts
         self._card: ModelCard | None = None
+        self._metrics = IngressMetrics(args.model_name)
+        self._cache = ResultCache(args.cache, args.model_name, args.model_version, self._metrics)
+        self._hub = metrics_hub
+        self._pusher = (
+            MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
+        )
+
+    def _started(self) -> None:
+        if self._pusher is not None:
+            self._pusher.ensure_started()
 
     # ---- Python API -------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """The whole answer; from the result cache when the request is reproducible and seen."""
+        self._started()
+        key = self._cache.key(request)
+        if key is not None and (hit := await self._cache.lookup(key)) is not None:
+            return hit
         with _overload_as_503():
-            return await self._llm.generate.remote(request)
+            response = await self._llm.generate.remote(request)
+        if key is not None:
+            await self._cache.store(key, response)
+        return response
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Chunks as they are generated; a cached answer is replayed as one chunk per output."""
+        self._started()
+        key = self._cache.key(request)
+        if key is not None and (hit := await self._cache.lookup(key)) is not None:
+            for chunk in replay(hit):
+                yield chunk
+            return
+        recorder = StreamRecorder(request.n) if key is not None else None
         with _overload_as_503():
             async for chunk in self._llm.options(stream=True).generate_stream.remote(request):
+                if recorder is not None:
+                    recorder.add(chunk)
                 yield chunk
+        if key is not None and recorder is not None:
+            response = recorder.response(self.model_name, with_logprobs=request.logprobs is not None)
+            if response is not None:
+                await self._cache.store(key, response)
 
     async def model_card(self) -> ModelCard:
         if self._card is None:
             self._card = await self._llm.model_card.remote()
         return self._card
+
+    async def metrics(self) -> str:
+        """Prometheus text for every replica of the app (this one's counters as of now)."""
+        if self._hub is None or self._pusher is None:
+            return generate_latest(self._metrics.registry).decode()
+        source, deployment = replica_identity()
+        return await self._hub.render.remote(source, deployment, snapshot(self._metrics.registry))
 
     # ---- HTTP -------------------------------------------------------------------------------
 
@@ -69,9 +111,15 @@ class Ingress:
                 return JSONResponse({"status": "not ready"}, status_code=503)
             return {"status": "ready", "model": card.name}
 
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            """Prometheus text format, covering every replica of the app."""
+            return Response(await self.metrics(), media_type=CONTENT_TYPE_LATEST)
+
         openai_routes.register(app, self)
         tfserving_routes.register(app, self)
         app.add_middleware(RequestGuard, max_bytes=self._args.limits.max_request_body_bytes)
+        app.add_middleware(HttpMetrics, record=self._metrics.http_request)
         return app
 
 

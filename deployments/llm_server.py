@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from deployments.config import ShardserveArgs
@@ -22,6 +23,7 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import InvalidRequest, RequestTimeout
+from deployments.metrics import EngineMetrics, MetricsPusher, replica_identity
 from deployments.streams import merge
 from deployments.types import (
     CompletionOutput,
@@ -43,7 +45,7 @@ logger = logging.getLogger("ray.serve")
 
 
 class LLMServer:
-    def __init__(self, args: ShardserveArgs) -> None:
+    def __init__(self, args: ShardserveArgs, metrics_hub: DeploymentHandle | None = None) -> None:
         self._args = args
         model_dir = resolve_model_dir(args.model, args.revision)
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
@@ -51,6 +53,15 @@ class LLMServer:
         self._info = self._runner.load()
         self._engine = LLMEngine(self._runner, self._info, args.engine)
         self._created = int(time.time())
+        self._metrics = EngineMetrics(args.model_name, self._engine.counters)
+        self._pusher = None
+        if metrics_hub is not None:
+            self._pusher = MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, self._metrics.refresh)
+
+    def _started(self) -> None:
+        """Called on every async entry point: starts the metrics pusher on the replica's loop."""
+        if self._pusher is not None:
+            self._pusher.ensure_started()
 
     # ---- Python API -------------------------------------------------------------------------
 
@@ -68,6 +79,7 @@ class LLMServer:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Generate every output of the request and return them whole."""
+        self._started()
         request_id = _new_request_id()
         prompt, prompt_ids, max_tokens = self._prepare(request)
         outputs: dict[int, dict] = {
@@ -107,8 +119,10 @@ class LLMServer:
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Yield chunks as text becomes available; the first chunk of each output comes as soon
         as its first token is sampled. Validation errors are raised before the first chunk."""
+        self._started()
         request_id = _new_request_id()
         prompt, prompt_ids, max_tokens = self._prepare(request)
+        first = {"prompt": prompt, "prompt_token_ids": prompt_ids}  # for the ingress's result cache
         if request.echo:
             for i in range(request.n):
                 yield GenerateChunk(
@@ -118,8 +132,13 @@ class LLMServer:
                     token_ids=[],
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=0,
+                    **(first if i == 0 else {}),
                 )
+            first = {}
         async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
+            if first:
+                chunk = chunk.model_copy(update=first)
+                first = {}
             yield chunk
 
     async def engine_stats(self) -> EngineStats:
@@ -130,6 +149,7 @@ class LLMServer:
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
+        self._started()
         self._engine.health()
 
     def __del__(self) -> None:
@@ -217,6 +237,7 @@ class LLMServer:
             await merged.aclose()
             for seq in seqs:
                 self._engine.abort(seq)
+            self._observe(seqs, started, outcome)
             logger.info(
                 "request %s: n=%d prompt_tokens=%d completion_tokens=%d finish=%s ttft=%s e2e=%.3fs",
                 request_id,
@@ -227,6 +248,21 @@ class LLMServer:
                 f"{seqs[0].first_token_at - started:.3f}s" if seqs[0].first_token_at else "-",
                 time.monotonic() - started,
             )
+
+    def _observe(self, seqs: list[Sequence], started: float, outcome: str) -> None:
+        m, now = self._metrics, time.monotonic()
+        m.prompt_tokens.inc(len(seqs[0].prompt_ids))
+        for seq in seqs:
+            if seq.scheduled_at is not None:
+                m.queue.observe(seq.scheduled_at - seq.arrival)
+            if seq.first_token_at is not None:
+                m.ttft.observe(seq.first_token_at - started)
+                if len(seq.output_ids) > 1:
+                    m.tpot.observe((now - seq.first_token_at) / (len(seq.output_ids) - 1))
+            if seq.finish_reason is not None and outcome not in ("error", "timeout"):
+                m.finished(seq.finish_reason)
+        if outcome not in ("error", "timeout"):
+            m.e2e.observe(now - started)
 
     async def _stream_one(
         self, request: GenerateRequest, request_id: str, index: int, seq: Sequence, prompt_tokens: int
@@ -256,7 +292,14 @@ class LLMServer:
         interval = self._args.engine.stream_interval_ms / 1000
         last_sent = -interval
         delta = ""
+        last_token_at = time.monotonic()
         async for tokens in self._engine.stream(seq):
+            now = time.monotonic()
+            if consumed:  # the first token's wait is time to first token, not inter-token latency
+                gap = (now - last_token_at) / len(tokens)
+                for _ in tokens:
+                    self._metrics.itl.observe(gap)
+            last_token_at = now
             for tok in tokens:
                 consumed += 1
                 ids.append(tok.token_id)
@@ -270,7 +313,6 @@ class LLMServer:
                     self._engine.abort(seq)
                     yield chunk(delta, "stop")
                     return
-            now = time.monotonic()
             if (delta or want_logprobs) and now - last_sent >= interval:
                 yield chunk(delta, None)
                 delta, last_sent = "", now

@@ -57,6 +57,9 @@ class GenerateRequest(BaseModel):
     """Return the sampled token's log-probability and this many top alternatives."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
+    cache: bool = True
+    """False: neither answered from nor stored in the result cache (the HTTP routes set it from
+    a `cache: false` body field or a `Cache-Control: no-cache`/`no-store` header)."""
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -95,6 +98,8 @@ class GenerateResponse(BaseModel):
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     usage: Usage
+    cached: bool = False
+    """Answered from the result cache."""
 
 
 class GenerateChunk(BaseModel):
@@ -109,6 +114,12 @@ class GenerateChunk(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     """Tokens generated so far for this output."""
+    cached: bool = False
+    """Replayed from the result cache."""
+    prompt: str | None = None
+    """Set on the first chunk of a stream only: the prompt as the model read it."""
+    prompt_token_ids: list[int] | None = None
+    """Set on the first chunk of a stream only."""
 
 
 class ModelCard(BaseModel):

@@ -122,3 +122,39 @@ def slow_app(server: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     handle = serve.get_deployment_handle("LLMServer", app_name="slow")
     yield f"{server}/slow", lambda: handle.engine_stats.remote().result(timeout_s=10)
     serve.delete("slow")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on loopback: the one .ci/run starts (SHARDSERVE_TEST_REDIS_URL), or
+    one started here. Skipped only outside CI when redis-server is not installed."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("SHARDSERVE_TEST_REDIS_URL"):
+        yield os.environ["SHARDSERVE_TEST_REDIS_URL"]
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_until(answers, timeout_s=20)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -82,6 +84,34 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_error)
 
 
+class HttpMetrics:
+    """ASGI middleware counting every response by route template and status, timed to its last
+    byte (so a stream counts its whole length). Unmatched paths share one label, so a scan of
+    random URLs cannot blow up the number of series."""
+
+    def __init__(self, app: ASGIApp, record: Callable[[str, int, float], None]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.monotonic(), 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.record(route, status, time.monotonic() - started)
+
+
 class RequestGuard:
     """ASGI middleware in front of every route.
 
@@ -100,7 +130,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
-        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        # In place: the router records the matched route in this same dict for the metrics.
+        scope["headers"] = [*headers, (b"content-type", b"application/json")]
         length = dict(headers).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self._reject(scope, receive, send)

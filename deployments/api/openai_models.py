@@ -28,6 +28,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+    cache: bool = True  # extension: false keeps this request out of the result cache
 
     @field_validator("stop")
     @classmethod
@@ -50,6 +51,7 @@ class _Common(BaseModel):
             "stop": self.stop_list(),
             "n": self.n,
             "ignore_eos": self.ignore_eos,
+            "cache": self.cache,
         }
 
 

@@ -9,10 +9,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
+from deployments.api.cache_control import mark_cache_status, with_cache_control
 from deployments.api.http_errors import error_response, unwrap
 from deployments.api.openai_format import (
     chat_body,
@@ -85,7 +86,7 @@ def register(app: FastAPI, backend: Backend) -> None:
         return {"object": "list", "data": [model_object(card)]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw: Request):
+    async def completions(body: CompletionRequest, raw: Request, response: Response):
         check_model(backend, body.model)
         try:
             requests = body.to_generate_requests()
@@ -93,10 +94,12 @@ def register(app: FastAPI, backend: Backend) -> None:
             raise InvalidRequest(_first_error(exc), param="prompt") from None
         if len(requests) > backend.max_prompts:
             raise InvalidRequest(f"at most {backend.max_prompts} prompts per request", param="prompt")
+        requests = with_cache_control(requests, raw)
         request_id, created = uuid.uuid4().hex, int(time.time())
         if not body.stream:
-            responses = await asyncio.gather(*(backend.generate(r) for r in requests))
-            return completion_body(request_id, backend.model_name, created, list(responses), body.n)
+            responses = list(await asyncio.gather(*(backend.generate(r) for r in requests)))
+            mark_cache_status(response, responses)
+            return completion_body(request_id, backend.model_name, created, responses, body.n)
         stream = await _start_stream([backend.generate_stream(r) for r in requests])
 
         async def payloads() -> AsyncIterator[dict[str, Any]]:
@@ -110,15 +113,16 @@ def register(app: FastAPI, backend: Backend) -> None:
         return _sse_response(raw, payloads())
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+    async def chat_completions(body: ChatCompletionRequest, raw: Request, response: Response):
         check_model(backend, body.model)
         if not body.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        request = body.to_generate_request()
+        [request] = with_cache_control([body.to_generate_request()], raw)
         request_id, created = uuid.uuid4().hex, int(time.time())
         if not body.stream:
-            response = await backend.generate(request)
-            return chat_body(request_id, backend.model_name, created, response)
+            answer = await backend.generate(request)
+            mark_cache_status(response, [answer])
+            return chat_body(request_id, backend.model_name, created, answer)
         stream = await _start_stream([backend.generate_stream(request)])
 
         async def payloads() -> AsyncIterator[dict[str, Any]]:

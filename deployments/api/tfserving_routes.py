@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.api.cache_control import mark_cache_status, with_cache_control
 from deployments.api.openai_routes import Backend, model_object
 from deployments.errors import InvalidRequest, ModelNotFound
 from deployments.types import GenerateRequest, GenerateResponse, ModelCard
@@ -33,6 +34,8 @@ class PredictParameters(BaseModel):
     top_k: int = Field(default=0, ge=-1)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    cache: bool = True
+    """False: not answered from, nor stored in, the result cache."""
 
 
 class PredictRequest(BaseModel):
@@ -93,15 +96,17 @@ def register(app: FastAPI, backend: Backend) -> None:
             raise ModelNotFound(f"Unrecognized servable version label: {label}")
         return card
 
-    async def predict(name: str, version: str | None, label: str | None, body: PredictRequest) -> dict[str, Any]:
+    async def predict(
+        name: str, version: str | None, label: str | None, body: PredictRequest, raw: Request, response: Response
+    ) -> dict[str, Any]:
         card = await card_for(name, version, label)
         texts, key = body.texts()
         if len(texts) > backend.max_prompts:
             raise InvalidRequest(f"at most {backend.max_prompts} instances per request")
         params = body.parameters.model_dump()
-        responses: list[GenerateResponse] = await asyncio.gather(
-            *(backend.generate(GenerateRequest(prompt=t, **params)) for t in texts)
-        )
+        requests = with_cache_control([GenerateRequest(prompt=t, **params) for t in texts], raw)
+        responses: list[GenerateResponse] = await asyncio.gather(*(backend.generate(r) for r in requests))
+        mark_cache_status(response, responses)
         predictions = [
             {
                 "text": r.outputs[0].text,
@@ -171,13 +176,17 @@ def register(app: FastAPI, backend: Backend) -> None:
         return await metadata(name, version, None)
 
     @app.post("/v1/models/{name}:predict")
-    async def model_predict(name: str, body: PredictRequest) -> dict[str, Any]:
-        return await predict(name, None, None, body)
+    async def model_predict(name: str, body: PredictRequest, raw: Request, response: Response) -> dict[str, Any]:
+        return await predict(name, None, None, body, raw, response)
 
     @app.post("/v1/models/{name}/versions/{version}:predict")
-    async def model_version_predict(name: str, version: str, body: PredictRequest) -> dict[str, Any]:
-        return await predict(name, version, None, body)
+    async def model_version_predict(
+        name: str, version: str, body: PredictRequest, raw: Request, response: Response
+    ) -> dict[str, Any]:
+        return await predict(name, version, None, body, raw, response)
 
     @app.post("/v1/models/{name}/labels/{label}:predict")
-    async def model_label_predict(name: str, label: str, body: PredictRequest) -> dict[str, Any]:
-        return await predict(name, None, label, body)
+    async def model_label_predict(
+        name: str, label: str, body: PredictRequest, raw: Request, response: Response
+    ) -> dict[str, Any]:
+        return await predict(name, None, label, body, raw, response)

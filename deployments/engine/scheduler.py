@@ -41,6 +41,7 @@ class Sequence:
     queue: asyncio.Queue[SampledToken | BaseException | None] = field(default_factory=asyncio.Queue)
     finish_reason: str | None = None
     aborted: bool = False
+    scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
 
@@ -134,6 +135,8 @@ class Scheduler:
             except NoFreeBlocks:
                 break
             self.waiting.popleft()
+            if seq.scheduled_at is None:
+                seq.scheduled_at = time.monotonic()
             seq.num_computed = seq.table.cached_tokens
             n = min(seq.num_tokens - seq.num_computed, budget)
             self.running.append(seq)
