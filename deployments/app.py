@@ -31,6 +31,10 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
         "max_queued_requests": args.engine.max_waiting_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
+        # A replica being drained (downscale, redeploy) finishes its in-flight generations
+        # first; none can outlive request_timeout_s, so that is how long it may take.
+        "graceful_shutdown_wait_loop_s": 1,
+        "graceful_shutdown_timeout_s": args.engine.request_timeout_s,
         "ray_actor_options": {"num_cpus": 1},
     }
     if args.world_size > 1:

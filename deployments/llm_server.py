@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
+from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import InvalidRequest, RequestTimeout
-from deployments.metrics import EngineMetrics, MetricsPusher, replica_identity
+from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import merge
 from deployments.types import (
     CompletionOutput,
@@ -47,13 +48,21 @@ logger = logging.getLogger("ray.serve")
 class LLMServer:
     def __init__(self, args: ShardserveArgs, metrics_hub: DeploymentHandle | None = None) -> None:
         self._args = args
+        startup = StartupClock()
         model_dir = resolve_model_dir(args.model, args.revision)
+        startup.lap("resolve_model")
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        startup.lap("load_tokenizer")
         self._runner = make_runner(args)
         self._info = self._runner.load()
+        startup.lap("load_model")
         self._engine = LLMEngine(self._runner, self._info, args.engine)
+        startup.lap("init_engine")
         self._created = int(time.time())
         self._metrics = EngineMetrics(args.model_name, self._engine.counters)
+        self._metrics.startup(startup.phases)
+        logger.info("replica ready: %s", ", ".join(f"{k}={v:.2f}s" for k, v in startup.phases.items()))
+        self._recent_ttft = RecentMean()
         self._pusher = None
         if metrics_hub is not None:
             self._pusher = MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, self._metrics.refresh)
@@ -143,6 +152,16 @@ class LLMServer:
 
     async def engine_stats(self) -> EngineStats:
         return self._engine.counters()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray Serve reads this every `metrics_interval_s`; EngineLoadPolicy scales on it."""
+        stats = self._engine.counters()
+        return {
+            RUNNING: stats.num_running,
+            WAITING: stats.num_waiting,
+            KV_USAGE: stats.kv_cache_usage,
+            TTFT: self._recent_ttft.mean(),
+        }
 
     async def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False)
@@ -257,6 +276,7 @@ class LLMServer:
                 m.queue.observe(seq.scheduled_at - seq.arrival)
             if seq.first_token_at is not None:
                 m.ttft.observe(seq.first_token_at - started)
+                self._recent_ttft.add(seq.first_token_at - started)
                 if len(seq.output_ids) > 1:
                     m.tpot.observe((now - seq.first_token_at) / (len(seq.output_ids) - 1))
             if seq.finish_reason is not None and outcome not in ("error", "timeout"):

@@ -131,6 +131,14 @@ class EngineMetrics:
         }
         self._seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)
 
+    def startup(self, phases: dict[str, float]) -> None:
+        gauge = Gauge(
+            "shardserve:replica_startup_seconds", "What this replica's cold start was made of, by phase.",
+            ["model_name", "phase"], registry=self.registry,
+        )  # fmt: skip
+        for phase, seconds in phases.items():
+            gauge.labels(self._model, phase).set(seconds)
+
     def finished(self, reason: str) -> None:
         self._success.labels(self._model, reason).inc()
 
@@ -144,6 +152,20 @@ class EngineMetrics:
             if value > self._seen[key]:
                 counter.inc(value - self._seen[key])
             self._seen[key] = value
+
+
+class StartupClock:
+    """Times the phases of a replica's constructor (the rest of a cold start, Ray placing the
+    actor and starting its process, is seen from outside: bench/autoscaling.py)."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[phase] = now - self._last
+        self._last = now
 
 
 class MetricsPusher:
