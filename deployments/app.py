@@ -37,6 +37,8 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": args.engine.request_timeout_s,
         "ray_actor_options": {"num_cpus": 1},
     }
+    if args.routing == "prefix_affinity" and args.engine.enable_prefix_caching:
+        options["request_router_config"] = {"request_router_class": "deployments.routing:PrefixAffinityRouter"}
     if args.world_size > 1:
         # The replica (it only drives) and its ranks are reserved and released together.
         spec = args.parallel_spec()

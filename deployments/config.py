@@ -189,6 +189,12 @@ class ShardserveArgs(StrictModel):
     cache: ResultCacheConfig = ResultCacheConfig()
     """Exact-result cache in front of the LLM server."""
 
+    routing: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
+    """How requests pick an LLM server replica: `prefix_affinity` prefers the replica that
+    already holds the prompt's prefix in its KV cache unless it is overloaded (only with
+    engine.enable_prefix_caching); `power_of_two` is Ray Serve's default (shorter of two
+    random queues). A `request_router_config` in the deployment's section overrides either."""
+
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
