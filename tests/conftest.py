@@ -49,6 +49,11 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float = 30.0, interval_s
         time.sleep(interval_s)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests with their own Ray cluster (`own_cluster`) run first, before the shared one starts."""
+    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
     import ray
