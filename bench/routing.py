@@ -3,8 +3,8 @@
     python -m bench.routing           # about 5 minutes
     python -m bench.routing --quick   # a smoke run
 
-Each conversation has its own long system prompt and several turns; every turn resends the
-whole history, as chat clients do. Conversations run concurrently, turns in order. The same
+Each conversation has its own system prompt and several turns, each turn adding about as much
+text again; every turn resends the whole history, as chat clients do. Conversations run concurrently, turns in order. The same
 workload runs against two replicas routed by shardserve's prefix-affinity router and by Ray
 Serve's default power-of-two-choices router. Reported: the engines' prefix-cache hit rate
 (cached prompt tokens / prompt tokens, from /metrics) and TTFT of the follow-up turns.
@@ -27,17 +27,23 @@ import httpx
 from bench.serving import RESULTS, free_port, log
 from bench.workload import percentile
 
+VOCABULARY = ["ray", "serve", "cache", "replica", "token", "prompt", "model", "node", "batch", "queue", "shard", "rank"]
 ROUTERS = {"prefix_affinity": "prefix-affinity (shardserve)", "power_of_two": "power of two choices (Serve default)"}
 
 
 async def conversation(client: httpx.AsyncClient, seed: int, turns: int, max_tokens: int) -> list[tuple[int, float]]:
     """(turn, TTFT) of each turn of one chat."""
     rng = random.Random(seed)
-    topic = " ".join(rng.choice(["ray", "serve", "cache", "replica", "token", "prompt", "model", "node"]) for _ in range(150))
-    messages = [{"role": "system", "content": f"Conversation {seed}. Background: {topic}"}]
+
+    def words(n: int) -> str:
+        return " ".join(rng.choice(VOCABULARY) for _ in range(n))
+
+    messages = [{"role": "system", "content": f"Conversation {seed}. Background: {words(100)}"}]
     out = []
     for turn in range(turns):
-        messages.append({"role": "user", "content": f"Question {turn}: what about {rng.choice(['speed', 'memory', 'cost'])}?"})
+        # Each turn adds as much text as the system prompt: what a replica that did not serve
+        # the previous turn must read again.
+        messages.append({"role": "user", "content": f"Question {turn}: {words(100)}?"})
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True, "cache": False}
         start, first, text = time.perf_counter(), None, []
         async with client.stream("POST", "/v1/chat/completions", json=body) as res:
@@ -120,8 +126,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    conversations, turns = (4, 3) if args.quick else (16, 5)
-    shape = {"conversations": conversations, "turns": turns, "concurrency": 4, "max_tokens": 16}
+    conversations, turns = (4, 3) if args.quick else (24, 5)
+    shape = {"conversations": conversations, "turns": turns, "concurrency": 6, "max_tokens": 16}
     report: dict[str, Any] = {"model": args.model, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M"), **shape}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -145,7 +151,8 @@ def main() -> None:
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Model `{report['model']}`, 2 replicas, {report['conversations']} conversations x {report['turns']} turns "
-        f"({report['concurrency']} at a time, ~1k-char system prompt each){' (quick run)' if report['quick'] else ''}, "
+        f"({report['concurrency']} at a time; system prompt and each question ~100 words)"
+        f"{' (quick run)' if report['quick'] else ''}, "
         f"started {report['started']}.",
         "",
         "| router | prefix-cache hit rate | follow-up TTFT p50 | follow-up TTFT p95 | first-turn TTFT p50 | wall |",

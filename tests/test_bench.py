@@ -50,3 +50,32 @@ def test_ceiling_measurements_run() -> None:
     assert runner.on_model_thread(raw_decode_tokens_per_s, runner.model, 2, 8, 4) > 0
     assert engine_decode_tokens_per_s(runner, info, 2, 8, 4) > 0
     runner.shutdown()
+
+
+def test_fleet_bench_reports_render() -> None:
+    from bench import autoscaling, result_cache, routing
+
+    lat = {"p50_ms": 2.0, "p99_ms": 4.0, "n": 10}
+    text = result_cache.render(
+        {"model": "m", "quick": True, "max_tokens": 8, "started": "now", "floor": lat,
+         "memory": {"generation": {**lat, "p50_ms": 200.0}, "hit": {**lat, "p50_ms": 4.0}, "hit_stream": lat}}
+    )  # fmt: skip
+    assert "| memory | 200.0 ms | 4.00 ms |" in text and "| 50x | 2.00x |" in text
+    run = {
+        "prefix_hit_rate": 0.9, "followup_ttft_p50_s": 0.1, "followup_ttft_p95_s": 0.2,
+        "first_turn_ttft_p50_s": 0.3, "wall_s": 5.0,
+    }  # fmt: skip
+    text = routing.render(
+        {"model": "m", "quick": True, "started": "now", "conversations": 2, "turns": 3, "concurrency": 2,
+         "prefix_affinity": run, "power_of_two": {**run, "prefix_hit_rate": 0.5, "followup_ttft_p50_s": 0.2}}
+    )  # fmt: skip
+    assert "| 90% |" in text and "| 50% |" in text and "2.00x" in text
+    scaled = {
+        "requests": 10, "failed": 0, "max_replicas_seen": 2, "to_second_replica_s": 12.0,
+        "upscale_decision_to_running_s": 9.0, "back_to_min_after_load_s": 11.0, "ttft_p50_s": 0.05,
+        "ttft_p95_s": 0.1, "new_replica_constructor_s": {"abc": {"load_model": 0.3}},
+    }  # fmt: skip
+    flat = {**scaled, "max_replicas_seen": 1, "to_second_replica_s": None, "back_to_min_after_load_s": None}
+    flat["new_replica_constructor_s"] = {}
+    text = autoscaling.render({"quick": True, "clients": 2, "load_s": 5, "started": "now", "default": flat, "engine": scaled})
+    assert "| 1 | never | 0 / 10 |" in text and "stayed at 1" in text and "| 2 | 12.0 s |" in text and "load_model 0.30 s" in text
