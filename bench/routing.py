@@ -4,7 +4,10 @@
     python -m bench.routing --quick   # a smoke run
 
 Each conversation has its own system prompt and several turns, each turn adding about as much
-text again; every turn resends the whole history, as chat clients do. Conversations run concurrently, turns in order. The same
+text again, and the user thinks 0.5-2 s between turns; every turn resends the whole history,
+as chat clients do. (Without think time Serve's power-of-two router already keeps most turns
+together: the replica that just finished a chat's turn has the shorter queue when the next turn
+arrives.) Conversations run concurrently, turns in order. The same
 workload runs against two replicas routed by shardserve's prefix-affinity router and by Ray
 Serve's default power-of-two-choices router. Reported: the engines' prefix-cache hit rate
 (cached prompt tokens / prompt tokens, from /metrics) and TTFT of the follow-up turns.
@@ -27,6 +30,7 @@ import httpx
 from bench.serving import RESULTS, free_port, log
 from bench.workload import percentile
 
+THINK_S = (0.5, 2.0)
 VOCABULARY = ["ray", "serve", "cache", "replica", "token", "prompt", "model", "node", "batch", "queue", "shard", "rank"]
 ROUTERS = {"prefix_affinity": "prefix-affinity (shardserve)", "power_of_two": "power of two choices (Serve default)"}
 
@@ -55,6 +59,7 @@ async def conversation(client: httpx.AsyncClient, seed: int, turns: int, max_tok
                         text.append(choice["delta"].get("content") or "")
         out.append((turn, (first or time.perf_counter()) - start))
         messages.append({"role": "assistant", "content": "".join(text)})
+        await asyncio.sleep(rng.uniform(*THINK_S))  # the user reads and types; other chats go on
     return out
 
 
@@ -127,7 +132,7 @@ def main() -> None:
     from ray import serve
 
     conversations, turns = (4, 3) if args.quick else (24, 5)
-    shape = {"conversations": conversations, "turns": turns, "concurrency": 6, "max_tokens": 16}
+    shape = {"conversations": conversations, "turns": turns, "concurrency": 8, "max_tokens": 16}
     report: dict[str, Any] = {"model": args.model, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M"), **shape}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -151,7 +156,7 @@ def main() -> None:
 def render(report: dict[str, Any]) -> str:
     lines = [
         f"Model `{report['model']}`, 2 replicas, {report['conversations']} conversations x {report['turns']} turns "
-        f"({report['concurrency']} at a time; system prompt and each question ~100 words)"
+        f"({report['concurrency']} at a time; system prompt and each question ~100 words; 0.5-2 s think time)"
         f"{' (quick run)' if report['quick'] else ''}, "
         f"started {report['started']}.",
         "",
