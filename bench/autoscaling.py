@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import os
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.serving import RESULTS, free_port, log
+from bench.serving import RESULTS, free_port, log, publish
 from bench.workload import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,11 +166,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    publish(args.out, report, render(report))
 
 
 def _s(v: float | None, none: str = "never") -> str:

@@ -15,7 +15,6 @@ hit/floor ratio; writes bench/results/result_cache.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ import httpx
 from fastapi import Body, FastAPI
 from ray import serve
 
-from bench.serving import RESULTS, free_port, log
+from bench.serving import RESULTS, free_port, log, publish
 from bench.workload import percentile
 
 floor_app = FastAPI()
@@ -132,11 +131,7 @@ def main() -> None:
         ray.shutdown()
         if redis_proc is not None:
             redis_proc.terminate()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    publish(args.out, report, render(report))
 
 
 def render(report: dict[str, Any]) -> str:

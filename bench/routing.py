@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from bench.serving import RESULTS, free_port, log
+from bench.serving import RESULTS, free_port, log, publish
 from bench.workload import percentile
 
 THINK_S = (0.5, 2.0)
@@ -146,11 +146,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
+    publish(args.out, report, render(report))
 
 
 def render(report: dict[str, Any]) -> str:

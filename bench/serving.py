@@ -109,16 +109,20 @@ def main() -> None:
     log("in-process: decode ceiling and bare prefill")
     report["ceiling"] = ceiling(args.model, args.quick)
     report["prefill"] = bare_prefill(args.model, loads[1])
-    save(args.out, report)
-    markdown = render(report)
-    args.out.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    publish(args.out, report, render(report))
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
+
+
+def publish(path: Path, report: dict[str, Any], markdown: str) -> None:
+    """The report as JSON and its markdown beside it (for BENCHMARKS.md), and on stdout."""
+    save(path, report)
+    path.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    log(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 def start_system(system: str, model: str, model_dir: str, base: str, prefix_caching: bool = True):

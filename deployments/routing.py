@@ -26,7 +26,7 @@ from typing import Any
 from ray.serve._private.common import ReplicaID
 from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
-from ray.serve._private.request_router.request_router import LocalityMixin, MultiplexMixin, RequestRouter
+from ray.serve._private.request_router.request_router import FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter
 
 from deployments.types import GenerateRequest
 
@@ -102,7 +102,7 @@ def choose(
     return best
 
 
-class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     """Configured by `request_router_config` on the LLMServer deployment (deployments/app.py
     sets it when `routing: prefix_affinity`)."""
 
@@ -123,6 +123,10 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            # Every answer ends with all replicas, so when none of them accepts the request
+            # (all full) the base router must back off before asking again, not spin.
+            pending_request.routing_context.should_backoff = True
         by_load = [candidate_replicas]  # the base router probes these and takes the shortest queue
         hashes = self._hashes(pending_request)
         if not hashes:
@@ -134,6 +138,12 @@ class PrefixAffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if best is None:
             return by_load
         return [[r for r in candidate_replicas if r.replica_id == best], candidate_replicas]
+
+    def _get_pending_request_matching_metadata(self, request_metadata: Any = None) -> PendingRequest | None:
+        """A replica chosen for a request goes to that request while it still waits; else to
+        the oldest waiting one (FIFOMixin's order). Serve's non-FIFO mode would give the
+        exact match only, and in Ray 2.60 it lost requests that arrived together."""
+        return self._get_pending_request_matching_internal_request_id(request_metadata)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         hashes = self._hashes(pending_request)
