@@ -25,6 +25,7 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
+from parallel.compression import QUANT_KEY
 from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
 from parallel.paged_model import PagedKVCache
 from parallel.placement import ParallelLayout, check_heads, replica_bundles
@@ -64,6 +65,11 @@ class DistributedModelRunner:
     def load(self) -> ModelInfo:
         spec, par = self._spec, self._parallel
         path, hf_config = load_model_config(spec)
+        if getattr(hf_config, QUANT_KEY, None):
+            raise ModelLoadError(
+                f"{spec.model} is an int8 version (shardserve compress --int8); it is served with "
+                "tensor_parallel_size and pipeline_parallel_size 1 (sharding int8 layers is not supported yet)"
+            )
         try:
             layout = ParallelLayout(par.tensor_parallel_size, par.pipeline_parallel_size, hf_config.num_hidden_layers)
             check_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, par.tensor_parallel_size)

@@ -6,11 +6,14 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from parallel.compression import QUANT_KEY, install_int8_linears
 from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
@@ -22,15 +25,33 @@ T = TypeVar("T")
 
 
 def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig]:
-    """Load the whole model (safetensors only)."""
+    """Load the whole model (safetensors only); int8 versions made by `shardserve compress`
+    are rebuilt with Int8Linear layers."""
     path, hf_config = load_model_config(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
-        )
+        if getattr(hf_config, QUANT_KEY, None):
+            model = load_int8_model(path, hf_config, DTYPES[spec.dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {exc}") from exc
     return model.to(spec.device).eval(), hf_config
+
+
+def load_int8_model(path: Path, hf_config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    install_int8_linears(model, getattr(hf_config, QUANT_KEY)["modules"])
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    untied = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    if untied or unexpected:
+        raise ValueError(f"int8 checkpoint does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
+    return model
 
 
 class LocalModelRunner:
