@@ -6,6 +6,7 @@ overrides them (autoscaling, resources, ...), as with any Ray Serve application.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -15,6 +16,8 @@ from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
 from deployments.metrics import MetricsHub
+from parallel import model_repository
+from parallel.model_repository import select_versions
 from parallel.placement import replica_bundles, unplaceable_reason
 
 
@@ -61,13 +64,34 @@ def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None
     hub = serve.deployment(MetricsHub).options(
         name="MetricsHub", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
     ).bind()
-    llm = serve.deployment(LLMServer).options(**options).bind(config, hub)
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(llm, config, hub)
+    if config.repository is None:
+        return ingress.bind(serve.deployment(LLMServer).options(**options).bind(config, hub), config, hub)
+    versions = served_versions(config)
+    llms = {
+        v: serve.deployment(LLMServer).options(**{**options, "name": "LLMServer" if v == versions[-1] else f"LLMServer-v{v}"})
+        .bind(config.for_version(v), hub)
+        for v in versions
+    }
+    return ingress.bind(llms, config, hub)
+
+
+def served_versions(config: ShardserveArgs) -> list[int]:
+    """The repository versions this app serves (read from disk when the app is built, on the
+    cluster); a label naming a version not served fails the build."""
+    repo = config.repository
+    assert repo is not None
+    available = model_repository.versions(Path(repo.base_path), repo.name)
+    versions = select_versions(available, repo.version_policy, repo.latest_n, repo.versions)
+    named = {**{f"label {label}": v for label, v in repo.labels.items()}, **{f"traffic to {v}": v for v in repo.traffic or {}}}
+    stray = {what: v for what, v in named.items() if v not in versions}
+    if stray:
+        raise ValueError(f"{sorted(stray)} name versions that are not served (served: {versions})")
+    return versions
 
 
 def _check_placeable(bundles: list[dict[str, float]], strategy: str) -> None:

@@ -7,7 +7,8 @@ deployment options stay in the `deployments:` section, where Ray Serve validates
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -113,6 +114,43 @@ class ResultCacheConfig(StrictModel):
         return self
 
 
+class ModelRepositoryConfig(StrictModel):
+    """Serve versions from a TF-Serving-style repository, `<base_path>/<name>/<version>/`, as
+    `shardserve compress` writes it. The newest served version is the default (its deployment
+    is `LLMServer`, so the `deployments:` section's settings apply to it); every other served
+    version gets its own deployment `LLMServer-v<N>`."""
+
+    base_path: str
+    """Directory holding `<name>/<version>/` model directories."""
+
+    name: str
+    """Model name in the repository; clients use it in URLs and `model` fields."""
+
+    version_policy: Literal["latest", "all", "specific"] = "latest"
+    """Which versions are served: the newest `latest_n`, every one, or those in `versions`."""
+
+    latest_n: int = Field(default=1, ge=1)
+    """With `version_policy: latest`: how many of the newest versions."""
+
+    versions: list[int] = Field(default_factory=list)
+    """With `version_policy: specific`: the versions to serve."""
+
+    labels: dict[str, int] = Field(default_factory=dict)
+    """Version labels (`stable: 1`, `canary: 2`) for `/v1/models/{name}/labels/{label}` routes;
+    each must name a served version."""
+
+    traffic: dict[int, float] | None = None
+    """Canary split of the requests that name no version: weight per served version (`{1: 0.9,
+    2: 0.1}`); None sends them all to the newest. Requests naming a version or label go there."""
+
+    @model_validator(mode="after")
+    def _traffic_weights(self) -> ModelRepositoryConfig:
+        weights = list((self.traffic or {}).values())
+        if self.traffic is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError("repository.traffic needs non-negative weights with a positive sum")
+        return self
+
+
 class ParallelConfig(StrictModel):
     """How the ranks of a sharded replica (tensor_parallel_size x pipeline_parallel_size > 1)
     are placed and supervised."""
@@ -189,6 +227,9 @@ class ShardserveArgs(StrictModel):
     cache: ResultCacheConfig = ResultCacheConfig()
     """Exact-result cache in front of the LLM server."""
 
+    repository: ModelRepositoryConfig | None = None
+    """Serve one or more versions from a model repository instead of `model`."""
+
     routing: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
     """How requests pick an LLM server replica: `prefix_affinity` prefers the replica that
     already holds the prompt's prefix in its KV cache unless it is overloaded (only with
@@ -227,7 +268,17 @@ class ShardserveArgs(StrictModel):
 
     @property
     def model_name(self) -> str:
+        if self.repository is not None:
+            return self.repository.name
         return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+
+    def for_version(self, version: int) -> ShardserveArgs:
+        """The args of one served version of the repository: a plain single-model config."""
+        assert self.repository is not None
+        path = Path(self.repository.base_path) / self.repository.name / str(version)
+        return self.model_copy(
+            update={"model": str(path), "model_version": version, "served_model_name": self.repository.name, "repository": None}
+        )
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(
@@ -250,9 +301,18 @@ def config_reference_markdown() -> str:
             if isinstance(annotation, type) and issubclass(annotation, StrictModel):
                 walk(annotation, f"{prefix}{name}.")
                 continue
+            optional = [a for a in get_args(annotation) if a is not type(None)]
+            if len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], StrictModel):
+                doc = " ".join((field.description or "").split()).replace("|", "\\|")
+                rows.append(f"| `{prefix}{name}` | section | `None` | {doc} Its fields: |")
+                walk(optional[0], f"{prefix}{name}.")
+                continue
             kind = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
             kind = kind.replace("|", "\\|")
-            default = repr(field.default)
+            if field.is_required():
+                default = "required"
+            else:
+                default = repr(field.default_factory() if field.default_factory else field.default)  # type: ignore[call-arg]
             doc = " ".join((field.description or "").split()).replace("|", "\\|")
             rows.append(f"| `{prefix}{name}` | `{kind}` | `{default}` | {doc} |")
 

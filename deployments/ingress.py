@@ -7,6 +7,7 @@ call the same methods, so both paths behave the same.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,21 +23,30 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
 from deployments.cache import ResultCache, StreamRecorder, replay
 from deployments.config import ShardserveArgs
-from deployments.errors import Overloaded
+from deployments.errors import ModelNotFound, Overloaded
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 
 @serve.ingress()
 class Ingress:
-    def __init__(self, llm_server: DeploymentHandle, args: ShardserveArgs, metrics_hub: DeploymentHandle | None = None) -> None:
-        self._llm = llm_server
+    def __init__(
+        self,
+        llm_servers: DeploymentHandle | dict[int, DeploymentHandle],
+        args: ShardserveArgs,
+        metrics_hub: DeploymentHandle | None = None,
+    ) -> None:
+        # One LLM server deployment per served version; a plain config serves one version.
+        self._llms = llm_servers if isinstance(llm_servers, dict) else {args.model_version: llm_servers}
+        self.versions = sorted(self._llms)
+        self.labels = dict(args.repository.labels) if args.repository else {}
+        self._traffic = dict(args.repository.traffic) if args.repository and args.repository.traffic else None
         self._args = args
         self.model_name = args.model_name
         self.max_prompts = args.limits.max_prompts
-        self._card: ModelCard | None = None
+        self._cards: dict[int, ModelCard] = {}
         self._metrics = IngressMetrics(args.model_name)
-        self._cache = ResultCache(args.cache, args.model_name, args.model_version, self._metrics)
+        self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
@@ -46,43 +56,65 @@ class Ingress:
         if self._pusher is not None:
             self._pusher.ensure_started()
 
+    def resolve_version(self, version: int | str | None = None, label: str | None = None) -> int:
+        """The served version a request names (by number or label); the newest when it names
+        none. ModelNotFound (404) otherwise."""
+        if label is not None:
+            if label not in self.labels:
+                raise ModelNotFound(f"Unrecognized servable version label: {label}")
+            return self.labels[label]
+        if version is None:
+            if self._traffic is not None:  # canary split
+                return random.choices(list(self._traffic), weights=list(self._traffic.values()))[0]
+            return self.versions[-1]
+        if str(version).isdigit() and int(version) in self._llms:
+            return int(version)
+        raise ModelNotFound(f"Servable not found for request: Specific({self.model_name}, {version})")
+
     # ---- Python API -------------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """The whole answer; from the result cache when the request is reproducible and seen."""
+    async def generate(self, request: GenerateRequest, version: int | None = None) -> GenerateResponse:
+        """The whole answer; from the result cache when the request is reproducible and seen.
+        `version`: a served version (None: the newest)."""
         self._started()
-        key = self._cache.key(request)
-        if key is not None and (hit := await self._cache.lookup(key)) is not None:
+        v = self.resolve_version(version)
+        cache = self._caches[v]
+        key = cache.key(request)
+        if key is not None and (hit := await cache.lookup(key)) is not None:
             return hit
         with _overload_as_503():
-            response = await self._llm.generate.remote(request)
+            response = await self._llms[v].generate.remote(request)
         if key is not None:
-            await self._cache.store(key, response)
+            await cache.store(key, response)
         return response
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate_stream(self, request: GenerateRequest, version: int | None = None) -> AsyncIterator[GenerateChunk]:
         """Chunks as they are generated; a cached answer is replayed as one chunk per output."""
         self._started()
-        key = self._cache.key(request)
-        if key is not None and (hit := await self._cache.lookup(key)) is not None:
+        v = self.resolve_version(version)
+        cache = self._caches[v]
+        key = cache.key(request)
+        if key is not None and (hit := await cache.lookup(key)) is not None:
             for chunk in replay(hit):
                 yield chunk
             return
         recorder = StreamRecorder(request.n) if key is not None else None
         with _overload_as_503():
-            async for chunk in self._llm.options(stream=True).generate_stream.remote(request):
+            async for chunk in self._llms[v].options(stream=True).generate_stream.remote(request):
                 if recorder is not None:
                     recorder.add(chunk)
                 yield chunk
         if key is not None and recorder is not None:
             response = recorder.response(self.model_name, with_logprobs=request.logprobs is not None)
             if response is not None:
-                await self._cache.store(key, response)
+                await cache.store(key, response)
 
-    async def model_card(self) -> ModelCard:
-        if self._card is None:
-            self._card = await self._llm.model_card.remote()
-        return self._card
+    async def model_card(self, version: int | None = None) -> ModelCard:
+        """The card of a served version (None: the newest, whatever the canary split)."""
+        v = self.versions[-1] if version is None else self.resolve_version(version)
+        if v not in self._cards:
+            self._cards[v] = await self._llms[v].model_card.remote()
+        return self._cards[v]
 
     async def metrics(self) -> str:
         """Prometheus text for every replica of the app (this one's counters as of now)."""
@@ -106,7 +138,7 @@ class Ingress:
         async def ready() -> Any:
             """Readiness: a model replica is loaded and answers."""
             try:
-                card = await self._llm.model_card.remote()
+                card = await self._llms[self.versions[-1]].model_card.remote()
             except Exception:  # noqa: BLE001 - not ready, whatever the reason
                 return JSONResponse({"status": "not ready"}, status_code=503)
             return {"status": "ready", "model": card.name}

@@ -65,7 +65,8 @@ class LLMServer:
         self._recent_ttft = RecentMean()
         self._pusher = None
         if metrics_hub is not None:
-            self._pusher = MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, self._metrics.refresh)
+            version = {"model_version": str(args.model_version)}
+            self._pusher = MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, self._metrics.refresh, version)
 
     def _started(self) -> None:
         """Called on every async entry point: starts the metrics pusher on the replica's loop."""

@@ -34,15 +34,17 @@ _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.
 Family = tuple[str, str, str, list[tuple[str, dict[str, str], float]]]
 
 
-def snapshot(registry: CollectorRegistry) -> list[Family]:
+def snapshot(registry: CollectorRegistry, extra_labels: dict[str, str] | None = None) -> list[Family]:
     """The registry's current samples as plain data, without prometheus-client's `_created`
-    timestamps (noise to a scraper; Prometheus detects counter resets itself)."""
+    timestamps (noise to a scraper; Prometheus detects counter resets itself). `extra_labels`
+    go on every sample (an LLM server's `model_version`)."""
+    extra = extra_labels or {}
     return [
         (
             m.name,
             m.type,
             m.documentation,
-            [(s.name, dict(s.labels), float(s.value)) for s in m.samples if not s.name.endswith("_created")],
+            [(s.name, {**s.labels, **extra}, float(s.value)) for s in m.samples if not s.name.endswith("_created")],
         )
         for m in registry.collect()
     ]
@@ -172,9 +174,17 @@ class MetricsPusher:
     """Pushes one replica's registry to the hub every PUSH_INTERVAL_S, from the replica's own
     event loop (started on the first async call, where a loop is sure to be running)."""
 
-    def __init__(self, hub: Any, source: str, deployment: str, registry: CollectorRegistry, before: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        hub: Any,
+        source: str,
+        deployment: str,
+        registry: CollectorRegistry,
+        before: Callable[[], None],
+        extra_labels: dict[str, str] | None = None,
+    ) -> None:
         self._hub, self._source, self._deployment = hub, source, deployment
-        self._registry, self._before = registry, before
+        self._registry, self._before, self._extra = registry, before, extra_labels
         self._task: asyncio.Task[None] | None = None
 
     def ensure_started(self) -> None:
@@ -183,7 +193,7 @@ class MetricsPusher:
 
     async def push_now(self) -> None:
         self._before()
-        await self._hub.push.remote(self._source, self._deployment, snapshot(self._registry))
+        await self._hub.push.remote(self._source, self._deployment, snapshot(self._registry, self._extra))
 
     async def _loop(self) -> None:
         while True:

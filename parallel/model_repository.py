@@ -44,3 +44,18 @@ def publish(base_path: Path, name: str, staged: Path) -> int:
     target = version_dir(base_path, name, version)
     staged.rename(target)  # atomic on one filesystem: readers see all of it or none
     return version
+
+
+def select_versions(available: list[int], policy: str, latest_n: int = 1, specific: list[int] | None = None) -> list[int]:
+    """The versions a TF-Serving-style version policy serves, ascending; ValueError names what
+    is missing (a policy that serves nothing is a configuration error, not an empty server)."""
+    if not available:
+        raise ValueError("the model repository has no versions")
+    if policy == "latest":
+        return sorted(available)[-latest_n:]
+    if policy == "all":
+        return sorted(available)
+    missing = [v for v in specific or [] if v not in available]
+    if missing or not specific:
+        raise ValueError(f"versions {missing or specific} are not in the repository (it has {sorted(available)})")
+    return sorted(set(specific))

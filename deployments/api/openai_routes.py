@@ -33,17 +33,30 @@ class Backend(Protocol):
 
     model_name: str
     max_prompts: int
+    versions: list[int]
+    labels: dict[str, int]
 
-    async def generate(self, request: GenerateRequest) -> GenerateResponse: ...
+    def resolve_version(self, version: int | str | None = None, label: str | None = None) -> int: ...
 
-    def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+    async def generate(self, request: GenerateRequest, version: int | None = None) -> GenerateResponse: ...
 
-    async def model_card(self) -> ModelCard: ...
+    def generate_stream(self, request: GenerateRequest, version: int | None = None) -> AsyncIterator[GenerateChunk]: ...
+
+    async def model_card(self, version: int | None = None) -> ModelCard: ...
 
 
-def check_model(backend: Backend, model: str | None) -> None:
-    if model is not None and model != backend.model_name:
-        raise ModelNotFound(f"model {model!r} does not exist; this server serves {backend.model_name!r}")
+def check_model(backend: Backend, model: str | None) -> int | None:
+    """The version a `model` field names: `name` (the newest) or `name:version`."""
+    if model is None or model == backend.model_name:
+        return None
+    name, _, version = model.partition(":")
+    if name == backend.model_name and version:
+        try:
+            return backend.resolve_version(version)
+        except ModelNotFound:
+            pass
+    served = f"{backend.model_name!r} (versions {backend.versions})"
+    raise ModelNotFound(f"model {model!r} does not exist; this server serves {served}")
 
 
 def model_object(card: ModelCard) -> dict[str, Any]:
@@ -82,12 +95,17 @@ async def _start_stream(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIte
 def register(app: FastAPI, backend: Backend) -> None:
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        card = await backend.model_card()
-        return {"object": "list", "data": [model_object(card)]}
+        """The model by its name (the newest version) and, when several versions are served,
+        each as `name:version`."""
+        data = [model_object(await backend.model_card())]
+        if len(backend.versions) > 1:
+            for v in backend.versions:
+                data.append({**model_object(await backend.model_card(v)), "id": f"{backend.model_name}:{v}"})
+        return {"object": "list", "data": data}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request, response: Response):
-        check_model(backend, body.model)
+        version = check_model(backend, body.model)
         try:
             requests = body.to_generate_requests()
         except (ValueError, ValidationError) as exc:
@@ -97,10 +115,10 @@ def register(app: FastAPI, backend: Backend) -> None:
         requests = with_cache_control(requests, raw)
         request_id, created = uuid.uuid4().hex, int(time.time())
         if not body.stream:
-            responses = list(await asyncio.gather(*(backend.generate(r) for r in requests)))
+            responses = list(await asyncio.gather(*(backend.generate(r, version) for r in requests)))
             mark_cache_status(response, responses)
             return completion_body(request_id, backend.model_name, created, responses, body.n)
-        stream = await _start_stream([backend.generate_stream(r) for r in requests])
+        stream = await _start_stream([backend.generate_stream(r, version) for r in requests])
 
         async def payloads() -> AsyncIterator[dict[str, Any]]:
             usage = _UsageCounter()
@@ -114,16 +132,16 @@ def register(app: FastAPI, backend: Backend) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request, response: Response):
-        check_model(backend, body.model)
+        version = check_model(backend, body.model)
         if not body.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
         [request] = with_cache_control([body.to_generate_request()], raw)
         request_id, created = uuid.uuid4().hex, int(time.time())
         if not body.stream:
-            answer = await backend.generate(request)
+            answer = await backend.generate(request, version)
             mark_cache_status(response, [answer])
             return chat_body(request_id, backend.model_name, created, answer)
-        stream = await _start_stream([backend.generate_stream(request)])
+        stream = await _start_stream([backend.generate_stream(request, version)])
 
         async def payloads() -> AsyncIterator[dict[str, Any]]:
             usage = _UsageCounter()

@@ -89,12 +89,7 @@ def register(app: FastAPI, backend: Backend) -> None:
     async def card_for(name: str, version: str | None, label: str | None) -> ModelCard:
         if name != backend.model_name:
             raise ModelNotFound(f"Servable not found for request: Latest({name})")
-        card = await backend.model_card()
-        if version is not None and version != str(card.version):
-            raise ModelNotFound(f"Servable not found for request: Specific({name}, {version})")
-        if label is not None:
-            raise ModelNotFound(f"Unrecognized servable version label: {label}")
-        return card
+        return await backend.model_card(backend.resolve_version(version, label))
 
     async def predict(
         name: str, version: str | None, label: str | None, body: PredictRequest, raw: Request, response: Response
@@ -105,7 +100,7 @@ def register(app: FastAPI, backend: Backend) -> None:
             raise InvalidRequest(f"at most {backend.max_prompts} instances per request")
         params = body.parameters.model_dump()
         requests = with_cache_control([GenerateRequest(prompt=t, **params) for t in texts], raw)
-        responses: list[GenerateResponse] = await asyncio.gather(*(backend.generate(r) for r in requests))
+        responses: list[GenerateResponse] = await asyncio.gather(*(backend.generate(r, card.version) for r in requests))
         mark_cache_status(response, responses)
         predictions = [
             {
@@ -156,8 +151,10 @@ def register(app: FastAPI, backend: Backend) -> None:
 
     @app.get("/v1/models/{name}")
     async def model_status(name: str) -> dict[str, Any]:
+        """Every served version with its state (and OpenAI's fields for the newest)."""
         card = await card_for(name, None, None)
-        return {**model_object(card), **_status(card)}
+        statuses = [_status(await backend.model_card(v))["model_version_status"][0] for v in reversed(backend.versions)]
+        return {**model_object(card), "model_version_status": statuses}
 
     @app.get("/v1/models/{name}/versions/{version}")
     async def model_version_status(name: str, version: str) -> dict[str, Any]:
