@@ -83,6 +83,7 @@ class LLMServer:
             max_model_len=self._info.max_model_len,
             vocab_size=self._info.vocab_size,
             num_parameters=self._info.num_parameters,
+            weight_bytes=self._info.weight_bytes,
             dtype=self._info.dtype,
             created=self._created,
         )

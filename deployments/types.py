@@ -133,6 +133,8 @@ class ModelCard(BaseModel):
     num_parameters: int
     dtype: str
     created: int
+    weight_bytes: int | None = None
+    """Memory the weights take in the replica (int8 versions: about a quarter of float32)."""
 
 
 class EngineStats(BaseModel):

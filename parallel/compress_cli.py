@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--int8", action="store_true", help="int8 per-channel weights for the decoder's linear layers")
     c.add_argument("--prune", type=float, default=0.0, help="fraction pruned by magnitude (0 to <1)")
     c.add_argument("--prune-structure", choices=["unstructured", "mlp"], default="unstructured")
+    c.add_argument("--settings", type=Path, help="a version's compression.json: rebuild it with the same settings")
     c.add_argument("--prompts", type=Path, help="validation prompts, one per line (default: a built-in set)")
     c.add_argument("--min-agreement", type=float, default=0.9, help="least top-1 agreement with the source to publish")
     c.add_argument("--max-perplexity-ratio", type=float, default=1.25, help="most perplexity (new / source) to publish")
@@ -57,9 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[bool, dict[str, Any]]:
     from transformers import AutoTokenizer
 
-    spec = CompressionSpec(
-        dtype=args.dtype, quantize="int8" if args.int8 else None, prune=args.prune, prune_structure=args.prune_structure
-    )
+    if args.settings:
+        spec = CompressionSpec(**json.loads(args.settings.read_text()))
+    else:
+        quantize = "int8" if args.int8 else None
+        spec = CompressionSpec(dtype=args.dtype, quantize=quantize, prune=args.prune, prune_structure=args.prune_structure)
     source_dir = resolve_model_dir(str(args.source))
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     texts = args.prompts.read_text().splitlines() if args.prompts else DEFAULT_PROMPTS

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.compression import QUANT_KEY, install_int8_linears
+from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
 from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
 from parallel.sampling import sample_step
+from parallel.validation import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,12 @@ def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig]:
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {exc}") from exc
     return model.to(spec.device).eval(), hf_config
+
+
+def count_weights(model: torch.nn.Module) -> int:
+    """Parameters, counting int8 weights (held as buffers) but not their scales."""
+    int8 = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    return sum(p.numel() for p in model.parameters()) + int8
 
 
 def load_int8_model(path: Path, hf_config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -101,10 +108,11 @@ class LocalModelRunner:
             vocab_size=hf_config.vocab_size,
             max_model_len=window,
             eos_token_ids=eos_token_ids(hf_config),
-            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_parameters=count_weights(model),
             dtype=self._spec.dtype,
             num_kv_blocks=num_blocks,
             block_size=self._kv.block_size,
+            weight_bytes=weight_bytes(model),
         )
         logger.info(
             "loaded %s: %d parameters, %s, %d KV blocks of %d tokens (%.0f MiB), %.2fs",

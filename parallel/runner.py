@@ -82,6 +82,8 @@ class ModelInfo:
     dtype: str
     num_kv_blocks: int
     block_size: int
+    weight_bytes: int | None = None
+    """Memory held by the weights in this process (None where ranks hold them)."""
 
 
 class ModelRunner(Protocol):

@@ -86,3 +86,14 @@ def test_sharding_an_int8_version_is_refused_clearly(tmp_path: Path) -> None:
     runner = DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
     with pytest.raises(ModelLoadError, match="int8 version"):
         runner.load()
+
+
+def test_a_version_is_rebuilt_from_its_recorded_settings(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    compress(tmp_path, "--int8")
+    settings = model_repository.version_dir(tmp_path, "tiny", 1) / "compression.json"
+    status, report = compress(tmp_path, "--settings", str(settings))
+    assert status == 0 and report["version"] == 2 and report["settings"]["quantize"] == "int8"
+    first, second = (load_file(model_repository.version_dir(tmp_path, "tiny", v) / "model.safetensors") for v in (1, 2))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -44,6 +44,10 @@ def test_status_lists_every_served_version(versioned: str) -> None:
         assert http.get("/v1/models/tiny/versions/1").json()["model_version_status"][0]["version"] == "1"
         assert http.get("/v1/models/tiny/labels/canary").json()["model_version_status"][0]["version"] == "2"
         assert http.get("/v1/models/tiny/versions/3").status_code == 404
+        # Memory on the server: version 1 is int8, version 2 a float32 copy of the same model.
+        meta = {v: http.get(f"/v1/models/tiny/versions/{v}/metadata").json()["metadata"]["model"] for v in (1, 2)}
+        assert meta[1]["num_parameters"] == meta[2]["num_parameters"]
+        assert meta[1]["weight_bytes"] < 0.6 * meta[2]["weight_bytes"]
         assert http.get("/v1/models/tiny/labels/nightly").status_code == 404
 
 

@@ -144,6 +144,7 @@ def register(app: FastAPI, backend: Backend) -> None:
                     "max_model_len": card.max_model_len,
                     "vocab_size": card.vocab_size,
                     "num_parameters": card.num_parameters,
+                    "weight_bytes": card.weight_bytes,
                     "dtype": card.dtype,
                 },
             },
