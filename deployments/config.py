@@ -114,6 +114,44 @@ class ResultCacheConfig(StrictModel):
         return self
 
 
+class ApiKeyConfig(StrictModel):
+    """One API key, by its SHA-256 digest: the key itself never appears in a config file."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hex SHA-256 of the key: `python -c "import hashlib,sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest())" KEY`."""
+
+    tenant: str = Field(min_length=1)
+    """Who the key belongs to; result-cache entries are partitioned by it."""
+
+    requests_per_s: float | None = Field(default=None, gt=0)
+    """Sustained request rate allowed to this key (token bucket); beyond it 429 with Retry-After."""
+
+    burst: int = Field(default=10, ge=1)
+    """Requests this key may send at once above its rate."""
+
+    max_concurrent: int | None = Field(default=None, ge=1)
+    """Requests of this key in flight at once (a stream counts until it ends); beyond it 429."""
+
+
+class AuthConfig(StrictModel):
+    """API keys. With any key configured, every route but /health needs
+    `Authorization: Bearer <key>` (401 otherwise)."""
+
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    """Keys given inline (digests only)."""
+
+    api_keys_file: str | None = None
+    """A JSON file with a list of keys in the same shape (e.g. a mounted Kubernetes secret);
+    read by each ingress replica when it starts."""
+
+    api_keys_env: str | None = None
+    """The name of an environment variable holding that JSON list (set it in runtime_env)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys or self.api_keys_file or self.api_keys_env)
+
+
 class ModelRepositoryConfig(StrictModel):
     """Serve versions from a TF-Serving-style repository, `<base_path>/<name>/<version>/`, as
     `shardserve compress` writes it. The newest served version is the default (its deployment
@@ -229,6 +267,9 @@ class ShardserveArgs(StrictModel):
 
     repository: ModelRepositoryConfig | None = None
     """Serve one or more versions from a model repository instead of `model`."""
+
+    auth: AuthConfig = AuthConfig()
+    """API keys, tenants and per-key limits (off when no key is configured)."""
 
     routing: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
     """How requests pick an LLM server replica: `prefix_affinity` prefers the replica that

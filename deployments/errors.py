@@ -40,6 +40,16 @@ class ShardserveError(Exception):
         }
 
 
+class Unauthorized(ShardserveError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+
+class RateLimited(ShardserveError):
+    status_code = 429
+    error_type = "rate_limit_error"
+
+
 class InvalidRequest(ShardserveError):
     status_code = 400
     error_type = "invalid_request_error"

@@ -20,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api import openai_routes, tfserving_routes
+from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
 from deployments.cache import ResultCache, StreamRecorder, replay
 from deployments.config import ShardserveArgs
@@ -151,6 +152,8 @@ class Ingress:
         openai_routes.register(app, self)
         tfserving_routes.register(app, self)
         app.add_middleware(RequestGuard, max_bytes=self._args.limits.max_request_body_bytes)
+        if self._args.auth.enabled:
+            app.add_middleware(ApiKeyAuth, keys=load_keys(self._args.auth))
         app.add_middleware(HttpMetrics, record=self._metrics.http_request)
         return app
 

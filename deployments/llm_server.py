@@ -236,7 +236,8 @@ class LLMServer:
             top_k=max(request.top_k, 0),
             logprobs=request.logprobs,
         )
-        seqs = self._engine.add(prompt_ids, [(spec, base_seed + i) for i in range(request.n)], max_tokens, request.ignore_eos)
+        samplings = [(spec, base_seed + i) for i in range(request.n)]
+        seqs = self._engine.add(prompt_ids, samplings, max_tokens, request.ignore_eos, cache_salt=request.tenant)
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s

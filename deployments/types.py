@@ -57,6 +57,8 @@ class GenerateRequest(BaseModel):
     """Return the sampled token's log-probability and this many top alternatives."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
+    tenant: str | None = None
+    """Set by the ingress from the caller's API key; result-cache entries are partitioned by it."""
     cache: bool = True
     """False: neither answered from nor stored in the result cache (the HTTP routes set it from
     a `cache: false` body field or a `Cache-Control: no-cache`/`no-store` header)."""

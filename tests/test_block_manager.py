@@ -96,3 +96,13 @@ def test_ensure_capacity_grows_by_blocks() -> None:
     assert len(t.blocks) == 4
     with pytest.raises(NoFreeBlocks):
         bm.ensure_capacity(t, 17)
+
+
+def test_tenants_salts_keep_prefix_cache_blocks_apart() -> None:
+    bm = BlockManager(num_blocks=32, block_size=4)
+    prompt = list(range(13))  # 3 full blocks usable for sharing
+    first = bm.allocate_prompt(prompt, reserve=1, salt="alice")
+    bm.register_full_blocks(first, lambda a, b: prompt[a:b], len(prompt))
+    assert bm.allocate_prompt(prompt, reserve=1, salt="alice").cached_tokens == 12  # same tenant: shared
+    assert bm.allocate_prompt(prompt, reserve=1, salt="bob").cached_tokens == 0  # another tenant: never
+    assert bm.allocate_prompt(prompt, reserve=1).cached_tokens == 0  # nor a caller without a tenant

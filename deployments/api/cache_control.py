@@ -10,12 +10,16 @@ CACHE_STATUS_HEADER = "x-shardserve-cache"
 
 
 def with_cache_control(requests: list[GenerateRequest], raw: Request) -> list[GenerateRequest]:
-    """`Cache-Control: no-cache` or `no-store` turns the result cache off for these requests,
-    as the `cache: false` body field does."""
+    """The caller's tenant (from its API key) on every request, and `Cache-Control: no-cache`
+    or `no-store` turning the result cache off, as the `cache: false` body field does."""
+    update: dict[str, object] = {}
     directives = {d.strip().lower() for d in raw.headers.get("cache-control", "").split(",")}
     if directives & {"no-cache", "no-store"}:
-        return [r.model_copy(update={"cache": False}) for r in requests]
-    return requests
+        update["cache"] = False
+    tenant = raw.scope.get("state", {}).get("tenant")
+    if tenant is not None:
+        update["tenant"] = tenant
+    return [r.model_copy(update=update) for r in requests] if update else requests
 
 
 def mark_cache_status(response: Response, answers: list[GenerateResponse]) -> None:

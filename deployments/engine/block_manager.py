@@ -35,6 +35,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
+    root: int | None = None  # the chain's start: a tenant's salt, so tenants never share blocks
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
@@ -70,19 +71,20 @@ class BlockManager:
 
     # ---- allocation ------------------------------------------------------------------------
 
-    def allocate_prompt(self, tokens: list[int], reserve: int = 1) -> BlockTable:
+    def allocate_prompt(self, tokens: list[int], reserve: int = 1, salt: str | None = None) -> BlockTable:
         """Blocks for a new sequence's tokens plus `reserve` more token slots.
 
         Leading full blocks found in the prefix cache are shared, never recomputed; at least the
         last token is always left to compute, since its logits are needed. Raises NoFreeBlocks
-        (allocating nothing) when the pool cannot hold it.
+        (allocating nothing) when the pool cannot hold it. A `salt` (the tenant) starts the hash
+        chain, so prompts of different tenants never share cached blocks.
         """
-        table = BlockTable()
+        table = BlockTable(root=None if salt is None else hash(("salt", salt)))
         cached: list[int] = []
         hashes: list[int] = []
         if self.enable_prefix_caching:
             usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
-            hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, None)
+            hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, table.root)
             for h in hashes:
                 block_id = self._by_hash.get(h)
                 if block_id is None:
@@ -119,7 +121,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first = len(table.hashes)
-        parent = table.hashes[-1] if table.hashes else None
+        parent = table.hashes[-1] if table.hashes else table.root
         for i, h in enumerate(self._block_hashes(tokens, first, num_computed // self.block_size, parent), start=first):
             table.hashes.append(h)
             block = self._blocks[table.blocks[i]]

@@ -53,13 +53,19 @@ class LLMEngine:
         return len(self._scheduler.running)
 
     def add(
-        self, prompt_ids: list[int], samplings: list[tuple[SamplingSpec, int]], max_tokens: int, ignore_eos: bool
+        self,
+        prompt_ids: list[int],
+        samplings: list[tuple[SamplingSpec, int]],
+        max_tokens: int,
+        ignore_eos: bool,
+        cache_salt: str | None = None,
     ) -> list[Sequence]:
-        """Queue one sequence per (sampling, seed); refuses all at once (503) when full."""
+        """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
+        `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'."""
         if self._fault is not None:
             raise EngineFault("the model runner failed; the replica is restarting")
         stop = frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)
-        seqs = [Sequence(list(prompt_ids), spec, seed, max_tokens, stop) for spec, seed in samplings]
+        seqs = [Sequence(list(prompt_ids), spec, seed, max_tokens, stop, cache_salt=cache_salt) for spec, seed in samplings]
         self._scheduler.add(seqs)
         self._ensure_loop()
         self._wakeup.set()

@@ -41,6 +41,7 @@ class Sequence:
     queue: asyncio.Queue[SampledToken | BaseException | None] = field(default_factory=asyncio.Queue)
     finish_reason: str | None = None
     aborted: bool = False
+    cache_salt: str | None = None  # the tenant: its prefix-cache blocks are its own
     scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
@@ -131,7 +132,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             try:
-                seq.table = self.blocks.allocate_prompt(seq.tokens(0, seq.num_tokens), reserve=1)
+                seq.table = self.blocks.allocate_prompt(seq.tokens(0, seq.num_tokens), reserve=1, salt=seq.cache_salt)
             except NoFreeBlocks:
                 break
             self.waiting.popleft()
