@@ -22,7 +22,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from deployments.config import ResultCacheConfig
-from deployments.types import CompletionOutput, GenerateChunk, GenerateRequest, GenerateResponse, Usage
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse
 
 logger = logging.getLogger("ray.serve")
 
@@ -176,51 +176,3 @@ def replay(response: GenerateResponse) -> list[GenerateChunk]:
         )
         for out in response.outputs
     ]
-
-
-class StreamRecorder:
-    """Rebuilds the whole answer from a stream's chunks, so a streamed miss fills the cache."""
-
-    def __init__(self, n: int) -> None:
-        self._text: dict[int, list[str]] = {i: [] for i in range(n)}
-        self._ids: dict[int, list[int]] = {i: [] for i in range(n)}
-        self._logprobs: dict[int, list] = {i: [] for i in range(n)}
-        self._finish: dict[int, str] = {}
-        self._first: GenerateChunk | None = None
-
-    def add(self, chunk: GenerateChunk) -> None:
-        if self._first is None:
-            self._first = chunk
-        self._text[chunk.index].append(chunk.text)
-        self._ids[chunk.index].extend(chunk.token_ids)
-        if chunk.logprobs is not None:
-            self._logprobs[chunk.index].extend(chunk.logprobs)
-        if chunk.finish_reason is not None:
-            self._finish[chunk.index] = chunk.finish_reason
-
-    def response(self, model: str, with_logprobs: bool) -> GenerateResponse | None:
-        """The answer, or None if the stream did not finish every output."""
-        first = self._first
-        if first is None or len(self._finish) != len(self._text) or first.prompt_token_ids is None:
-            return None
-        outputs = [
-            CompletionOutput(
-                index=i,
-                text="".join(self._text[i]),
-                token_ids=self._ids[i],
-                finish_reason=self._finish[i],  # type: ignore[arg-type]
-                logprobs=self._logprobs[i] if with_logprobs else None,
-            )
-            for i in self._text
-        ]
-        prompt_tokens = len(first.prompt_token_ids)
-        generated = sum(len(o.token_ids) for o in outputs)
-        return GenerateResponse(
-            request_id=first.request_id,
-            model=model,
-            created=int(time.time()),
-            prompt=first.prompt or "",
-            prompt_token_ids=first.prompt_token_ids,
-            outputs=outputs,
-            usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
-        )

@@ -22,10 +22,11 @@ from ray.serve.handle import DeploymentHandle
 from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
-from deployments.cache import ResultCache, StreamRecorder, replay
+from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
+from deployments.streams import StreamRecorder
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 

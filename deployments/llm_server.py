@@ -23,11 +23,10 @@ from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
-from deployments.errors import InvalidRequest, RequestTimeout
+from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
-from deployments.streams import merge
+from deployments.streams import StreamRecorder, merge
 from deployments.types import (
-    CompletionOutput,
     EngineStats,
     FinishReason,
     GenerateChunk,
@@ -35,7 +34,6 @@ from deployments.types import (
     GenerateResponse,
     ModelCard,
     TokenLogprob,
-    Usage,
 )
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
@@ -89,43 +87,14 @@ class LLMServer:
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        """Generate every output of the request and return them whole."""
-        self._started()
-        request_id = _new_request_id()
-        prompt, prompt_ids, max_tokens = self._prepare(request)
-        outputs: dict[int, dict] = {
-            i: {"text": [], "ids": [], "logprobs": [] if request.logprobs is not None else None} for i in range(request.n)
-        }
-        finish: dict[int, str] = {}
-        async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
-            out = outputs[chunk.index]
-            out["text"].append(chunk.text)
-            out["ids"].extend(chunk.token_ids)
-            if chunk.logprobs is not None:
-                out["logprobs"].extend(chunk.logprobs)
-            if chunk.finish_reason is not None:
-                finish[chunk.index] = chunk.finish_reason
-        echo = prompt if request.echo else ""
-        completions = [
-            CompletionOutput(
-                index=i,
-                text=echo + "".join(o["text"]),
-                token_ids=o["ids"],
-                finish_reason=finish[i],
-                logprobs=o["logprobs"],
-            )
-            for i, o in outputs.items()
-        ]
-        generated = sum(len(c.token_ids) for c in completions)
-        return GenerateResponse(
-            request_id=request_id,
-            model=self._args.model_name,
-            created=int(time.time()),
-            prompt=prompt,
-            prompt_token_ids=prompt_ids,
-            outputs=completions,
-            usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated, total_tokens=len(prompt_ids) + generated),
-        )
+        """Generate every output of the request and return them whole (the stream, gathered)."""
+        recorder = StreamRecorder(request.n)
+        async for chunk in self.generate_stream(request):
+            recorder.add(chunk)
+        response = recorder.response(self._args.model_name, with_logprobs=request.logprobs is not None)
+        if response is None:  # cannot happen when the stream ends normally; never return half
+            raise EngineFault("generation ended before every output finished")
+        return response
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Yield chunks as text becomes available; the first chunk of each output comes as soon

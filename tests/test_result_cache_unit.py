@@ -8,8 +8,9 @@ import threading
 
 import pytest
 
-from deployments.cache import MemoryBackend, ResultCache, StreamRecorder, replay
+from deployments.cache import MemoryBackend, ResultCache, replay
 from deployments.config import ResultCacheConfig
+from deployments.streams import StreamRecorder
 from deployments.types import CompletionOutput, GenerateChunk, GenerateRequest, GenerateResponse, Usage
 
 from .conftest import free_port, wait_until
