@@ -59,15 +59,18 @@ class RankWorker:
     def __init__(self) -> None:
         self._paged: PagedCausalLM | None = None
         self._placement: RankPlacement | None = None
+        self._listener: socket.socket | None = None
 
     def address(self) -> str:
-        """This node's address and a free port on it, for rank 0's rendezvous (never 0.0.0.0)."""
+        """Rank 0 opens the group's rendezvous store on this node's address (never 0.0.0.0)."""
         import ray
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return f"{host}:{s.getsockname()[1]}"
+        listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        listener.bind((host, 0))
+        listener.listen(128)
+        self._listener = listener  # the store serves on this socket; keep it open with the actor
+        return f"{host}:{listener.getsockname()[1]}"
 
     def setup(
         self,
@@ -83,11 +86,12 @@ class RankWorker:
         placement = layout.rank(rank)
         self._placement, self._layout, self._block_size, self._device = placement, layout, block_size, spec.device
         backend = "nccl" if spec.device == "cuda" else "gloo"
+        _bind_collectives_to(rendezvous.rsplit(":", 1)[0].strip("[]"))
         if spec.device == "cuda":
             torch.cuda.set_device(0)  # Ray gives each rank actor its own GPU as device 0
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{rendezvous}",
+            store=_rendezvous_store(rendezvous, rank, layout.world_size, timeout_s, self._listener),
             rank=rank,
             world_size=layout.world_size,
             timeout=timedelta(seconds=timeout_s),
@@ -142,6 +146,13 @@ class RankWorker:
     def ping(self) -> int:
         return os.getpid()
 
+    def listening_sockets(self) -> list[tuple[str, int]]:
+        """(address, port) of every socket this rank's process listens on (the safety test)."""
+        import psutil
+
+        conns = psutil.Process().net_connections("inet")
+        return sorted({(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN})
+
     def _run_stage(self, step_input: StepInput) -> torch.Tensor | None:
         """Receive from the previous stage, run this stage, send on; logits on the last stage."""
         assert self._paged is not None and self._placement is not None, "setup() first"
@@ -156,6 +167,33 @@ class RankWorker:
             dist.send(out.contiguous(), dst=placement.rank + tp)
             return None
         return out
+
+
+def _rendezvous_store(
+    address: str, rank: int, world_size: int, timeout_s: float, listener: socket.socket | None
+) -> dist.TCPStore:
+    """The group's key-value store. torch's own server would listen on every interface; rank 0
+    hands it the socket `address()` bound to the node's address instead."""
+    host, port = address.rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        if listener is None:
+            raise RuntimeError("rank 0 serves the rendezvous: call address() before setup()")
+        return dist.TCPStore(host, int(port), world_size, True, timeout, master_listen_fd=listener.fileno(), use_libuv=True)
+    return dist.TCPStore(host, int(port), world_size, False, timeout)
+
+
+def _bind_collectives_to(host: str) -> None:
+    """gloo and nccl listen on the interface named in these variables (else whatever the
+    hostname resolves to): name the one carrying the node's Ray address."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            os.environ["NCCL_SOCKET_IFNAME"] = name
+            return
+    raise RuntimeError(f"no network interface carries this node's address {host}")
 
 
 def _shard_with_autotp(

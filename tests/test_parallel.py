@@ -85,6 +85,27 @@ def test_sharded_runner_matches_unsharded(reference, tp, pp) -> None:
     wait_until(lambda: not alive_ranks(), timeout_s=30)
 
 
+def test_rank_rendezvous_listens_only_on_the_node_address(reference) -> None:
+    """The store, gloo's pairs (and nccl's bootstrap) never listen on a wildcard address; the
+    only wildcard listener in a rank process is Ray's own worker port."""
+    _, ref_tokens, _ = reference
+    args = args_for(2, 1)
+    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
+    try:
+        info = runner.load()
+        ray_ports = {a["Address"]["Port"] for a in alive_ranks()}
+        node = ray.util.get_node_ip_address()
+        tokens = asyncio.run(greedy_tokens(runner, info))  # sockets checked while the group is in use
+        for worker in runner._workers:
+            ours = [(ip, port) for ip, port in ray.get(worker.listening_sockets.remote()) if port not in ray_ports]
+            assert ours, "a tp=2 rank listens for its peers"
+            assert all(ip in (node, "127.0.0.1", "::1") for ip, _ in ours), ours
+        assert tokens == ref_tokens
+    finally:
+        runner.shutdown()
+    wait_until(lambda: not alive_ranks(), timeout_s=30)
+
+
 def check_memory_split(runner: DistributedModelRunner, tp: int, pp: int, total_params: int) -> None:
     """Each rank holds about 1/(tp*pp) of the decoder weights, plus embeddings/head where they live."""
     hidden, vocab = 64, 512  # tiny-llama
