@@ -72,6 +72,15 @@ class LimitsConfig(StrictModel):
     max_stop_sequences: int = Field(default=8, ge=0)
     """Most stop strings per request."""
 
+    max_stop_chars: int = Field(default=256, ge=1)
+    """Longest stop string, in characters (each is matched against every new token's text)."""
+
+    max_prompt_tokens: int | None = Field(default=None, ge=1)
+    """Most tokens in one prompt (after the chat template); None: the context window less one."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    """Largest `max_tokens` a request may ask for; None: what the context window leaves."""
+
     max_messages: int = Field(default=256, ge=1)
     """Most chat messages per request."""
 

@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
+from deployments.api.json_body import TextJSONRoute
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -129,6 +130,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="shardserve", version="0.1.0")
+        app.router.route_class = TextJSONRoute
         install_error_handlers(app)
 
         @app.get("/health")

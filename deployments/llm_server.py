@@ -157,6 +157,10 @@ class LLMServer:
             raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
         if len(request.stop) > limits.max_stop_sequences:
             raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+        if any(len(stop) > limits.max_stop_chars for stop in request.stop):
+            raise InvalidRequest(f"stop strings must be at most {limits.max_stop_chars} characters", param="stop")
+        if limits.max_tokens is not None and request.max_tokens is not None and request.max_tokens > limits.max_tokens:
+            raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}, got {request.max_tokens}", param="max_tokens")
         if request.logprobs is not None and request.logprobs > limits.max_logprobs:
             raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
         if request.messages is not None:
@@ -179,6 +183,12 @@ class LLMServer:
         if not prompt_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt" if request.messages is None else "messages")
         window = self._info.max_model_len
+        if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
+            raise InvalidRequest(
+                f"prompt is {len(prompt_ids)} tokens; at most {limits.max_prompt_tokens} are allowed",
+                param="prompt" if request.messages is None else "messages",
+                code="prompt_too_long",
+            )
         if len(prompt_ids) >= window:
             raise InvalidRequest(
                 f"prompt is {len(prompt_ids)} tokens; the context window is {window} tokens",
@@ -186,6 +196,8 @@ class LLMServer:
                 code="context_length_exceeded",
             )
         max_tokens = request.max_tokens if request.max_tokens is not None else window - len(prompt_ids)
+        if request.max_tokens is None and limits.max_tokens is not None:
+            max_tokens = min(max_tokens, limits.max_tokens)
         if len(prompt_ids) + max_tokens > window:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window of {window} tokens",

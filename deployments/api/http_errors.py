@@ -20,6 +20,7 @@ from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.api.json_body import NOT_TEXT
 from deployments.errors import InvalidRequest, ModelNotFound, RequestTooLarge, ShardserveError
 
 logger = logging.getLogger("ray.serve")
@@ -47,7 +48,8 @@ def error_response(request: Request, exc: BaseException) -> JSONResponse:
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
-    body: dict[str, Any] = {"error": exc.message} if is_tf_route(request.url.path) else exc.to_openai()
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # the app may sit under a route prefix
+    body: dict[str, Any] = {"error": exc.message} if is_tf_route(path) else exc.to_openai()
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
@@ -69,6 +71,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
             return error_response(request, ModelNotFound(f"no route {request.url.path}", param=None, code="not_found"))
+        if exc.status_code == 400:  # FastAPI could not decode the body (invalid UTF-8 among others)
+            return error_response(request, InvalidRequest(NOT_TEXT))
         err = ShardserveError(str(exc.detail))
         err.status_code = exc.status_code
         err.error_type = "invalid_request_error"
@@ -116,7 +120,8 @@ class RequestGuard:
     """ASGI middleware in front of every route.
 
     - 413 before parsing when the body is larger than the limit: Content-Length is checked up
-      front, a chunked body is counted as it arrives.
+      front (the server reads no more than it announces), a chunked body is read here up to
+      the limit and refused as soon as it passes it.
     - Bodies are JSON whatever the Content-Type says: curl's `-d` and many TF-Serving clients
       send none or a form type.
     """
@@ -136,18 +141,29 @@ class RequestGuard:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # Chunked: read it here, bounded, so that an oversized one is a 413 too.
+            body = await self._read_bounded(receive)
+            if body is None:
+                await self._reject(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_bounded(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once it passes the limit (the rest is never read)."""
+        parts: list[bytes] = []
         seen = 0
-
-        async def counting_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
-            return message
-
-        await self.app(scope, counting_receive, send)
+            if message["type"] != "http.request":
+                return b"".join(parts)
+            parts.append(message.get("body", b""))
+            seen += len(parts[-1])
+            if seen > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(parts)
 
     def _error(self) -> RequestTooLarge:
         return RequestTooLarge(f"request body is larger than {self.max_bytes} bytes", code="request_too_large")
@@ -155,3 +171,18 @@ class RequestGuard:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(Request(scope, receive), self._error())
         await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the already-read body, then waits on the real channel
+    (which reports the client's disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
