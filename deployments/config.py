@@ -280,6 +280,10 @@ class ShardserveArgs(StrictModel):
     auth: AuthConfig = AuthConfig()
     """API keys, tenants and per-key limits (off when no key is configured)."""
 
+    log_prompts: bool = False
+    """Log each request's prompt and generated text at INFO with its request id. Off: logs
+    carry ids, token counts and timings only (prompts may hold personal data or secrets)."""
+
     routing: Literal["prefix_affinity", "power_of_two"] = "prefix_affinity"
     """How requests pick an LLM server replica: `prefix_affinity` prefers the replica that
     already holds the prompt's prefix in its KV cache unless it is overloaded (only with

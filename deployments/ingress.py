@@ -26,6 +26,7 @@ from deployments.api.json_body import TextJSONRoute
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
+from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.streams import StreamRecorder
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
@@ -81,6 +82,7 @@ class Ingress:
         `version`: a served version (None: the newest)."""
         self._started()
         v = self.resolve_version(version)
+        check_request(request, self._args.limits)
         cache = self._caches[v]
         key = cache.key(request)
         if key is not None and (hit := await cache.lookup(key)) is not None:
@@ -95,6 +97,7 @@ class Ingress:
         """Chunks as they are generated; a cached answer is replayed as one chunk per output."""
         self._started()
         v = self.resolve_version(version)
+        check_request(request, self._args.limits)
         cache = self._caches[v]
         key = cache.key(request)
         if key is not None and (hit := await cache.lookup(key)) is not None:

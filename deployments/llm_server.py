@@ -24,6 +24,7 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
+from deployments.limits import check_request
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import StreamRecorder, merge
 from deployments.types import (
@@ -88,6 +89,7 @@ class LLMServer:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Generate every output of the request and return them whole (the stream, gathered)."""
+        check_request(request, self._args.limits)
         recorder = StreamRecorder(request.n)
         async for chunk in self.generate_stream(request):
             recorder.add(chunk)
@@ -101,6 +103,7 @@ class LLMServer:
         as its first token is sampled. Validation errors are raised before the first chunk."""
         self._started()
         request_id = _new_request_id()
+        check_request(request, self._args.limits)
         prompt, prompt_ids, max_tokens = self._prepare(request)
         first = {"prompt": prompt, "prompt_token_ids": prompt_ids}  # for the ingress's result cache
         if request.echo:
@@ -153,21 +156,7 @@ class LLMServer:
     def _prepare(self, request: GenerateRequest) -> tuple[str, list[int], int]:
         """Tokenize and check the request against the context window and the limits."""
         limits = self._args.limits
-        if request.n > limits.max_n:
-            raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
-        if len(request.stop) > limits.max_stop_sequences:
-            raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
-        if any(len(stop) > limits.max_stop_chars for stop in request.stop):
-            raise InvalidRequest(f"stop strings must be at most {limits.max_stop_chars} characters", param="stop")
-        if limits.max_tokens is not None and request.max_tokens is not None and request.max_tokens > limits.max_tokens:
-            raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}, got {request.max_tokens}", param="max_tokens")
-        if request.logprobs is not None and request.logprobs > limits.max_logprobs:
-            raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
         if request.messages is not None:
-            if not request.messages:
-                raise InvalidRequest("messages must not be empty", param="messages")
-            if len(request.messages) > limits.max_messages:
-                raise InvalidRequest(f"at most {limits.max_messages} messages are allowed", param="messages")
             turns = [{"role": m.role, "content": m.text()} for m in request.messages]
             prompt = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
             prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
@@ -251,6 +240,9 @@ class LLMServer:
                 f"{seqs[0].first_token_at - started:.3f}s" if seqs[0].first_token_at else "-",
                 time.monotonic() - started,
             )
+            if self._args.log_prompts:
+                outputs = [self._tokenizer.decode(s.output_ids) for s in seqs]
+                logger.info("request %s: prompt=%r outputs=%r", request_id, self._tokenizer.decode(prompt_ids), outputs)
 
     def _observe(self, seqs: list[Sequence], started: float, outcome: str) -> None:
         m, now = self._metrics, time.monotonic()

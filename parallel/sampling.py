@@ -11,6 +11,10 @@ import torch
 
 from parallel.runner import SampledToken, SamplingSpec, StepInput, StepOutput
 
+# Below this a temperature is greedy (as in vLLM): dividing logits by 1e-117 gives infinities,
+# and softmax of infinities is NaN, which multinomial refuses, failing the whole step.
+MIN_TEMPERATURE = 1e-5
+
 
 def make_generator(seed: int) -> torch.Generator:
     gen = torch.Generator(device="cpu")
@@ -28,7 +32,7 @@ def sample_batch(logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[in
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, spec in enumerate(specs):
-        if spec.temperature > 0.0:
+        if spec.temperature >= MIN_TEMPERATURE:
             tokens[i] = _draw(logits[i], spec, make_generator(seeds[i]))
     out = []
     for i, spec in enumerate(specs):
@@ -52,6 +56,8 @@ def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> 
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = (cumulative - sorted_probs) >= spec.top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs.masked_fill(drop, 0.0))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return int(torch.argmax(row))  # no distribution to draw from (non-finite logits): never fail the batch
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

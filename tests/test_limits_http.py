@@ -1,5 +1,6 @@
-"""Every request limit from the config, over HTTP: each violation is a clear 4xx naming what was
-too big, and the replica serves the next request normally."""
+"""Every request limit from the config, over HTTP, and hostile input: each violation is a clear
+4xx naming what was too big, the replica serves the next request normally, and fuzzing the app
+from its own OpenAPI schema finds no 5xx and kills no replica."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ray import serve
 
 from deployments.app import build_app
 
-from .conftest import TEST_ARGS, wait_until
+from .conftest import APP_NAME, TEST_ARGS, wait_until
 
 LIMITS = {
     "max_request_body_bytes": 65536,
@@ -30,7 +31,7 @@ COMPLETIONS = "/v1/completions"
 
 @pytest.fixture(scope="module")
 def limited(server: str) -> Iterator[httpx.Client]:
-    args = {**TEST_ARGS, "served_model_name": "limited", "limits": LIMITS}
+    args = {**TEST_ARGS, "served_model_name": "limited", "limits": LIMITS, "log_prompts": True}
     serve.run(build_app(args), name="limited", route_prefix="/limited")
     with httpx.Client(base_url=f"{server}/limited", timeout=60) as client:
         wait_until(lambda: client.get("/ready").status_code == 200, timeout_s=120)
@@ -132,3 +133,78 @@ def test_escaped_surrogate_pair_is_text(limited: httpx.Client) -> None:
     raw = b'{"prompt": "\\ud83d\\ude00 hi", "max_tokens": 2, "temperature": 0}'  # an emoji, escaped
     res = limited.post(COMPLETIONS, content=raw, headers={"content-type": "application/json"})
     assert res.status_code == 200, res.text
+
+
+def replica_actors(app: str) -> set[str]:
+    from ray._private import state as gcs_state
+
+    return {
+        actor_id
+        for actor_id, a in gcs_state.actors().items()
+        if a["State"] == "ALIVE" and a["ActorClassName"].startswith(f"ServeReplica:{app}:")
+    }
+
+
+def test_fuzzing_the_openapi_schema_finds_no_5xx(limited: httpx.Client) -> None:
+    """schemathesis generates bodies, paths and queries from the schema (valid ones, then ones
+    that break it) for every operation; a bounded number of examples each."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    raw = limited.get("/openapi.json").json()
+    raw.pop("servers", None)
+    schema = schemathesis.openapi.from_dict(raw)
+    base_url = str(limited.base_url).rstrip("/")
+    before = replica_actors("limited")
+    failures: list[str] = []
+    calls = 0
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @settings(max_examples=12, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def call(case: schemathesis.Case) -> None:
+                nonlocal calls
+                calls += 1
+                res = case.call(base_url=base_url, timeout=60)
+                if res.status_code >= 500 or "Traceback" in res.text:
+                    failures.append(f"{case.operation.label}: {res.status_code} {res.text[:200]} <- {case.body!r:.200}")
+
+            try:
+                call()
+            except Unsatisfiable:  # nothing to break in an operation without parameters or body
+                assert mode == schemathesis.GenerationMode.NEGATIVE
+    assert calls > 100
+    assert not failures, "\n".join(failures[:10])
+    assert replica_actors("limited") == before  # no replica died or was replaced
+    still_serves(limited)
+
+
+def logs_containing(needle: str) -> list[str]:
+    """Names of the Ray session's log files (every process: replicas, proxy, controller, raylet)
+    that contain `needle`."""
+    from pathlib import Path
+
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return [str(f.relative_to(logs)) for f in logs.rglob("*") if f.is_file() and needle.encode() in f.read_bytes()]
+
+
+def test_prompts_and_outputs_are_not_logged_unless_asked(http: httpx.Client, limited: httpx.Client) -> None:
+    """The shared app runs with the default `log_prompts: false`; the limited one turned it on."""
+    secret, asked = "zebra-secret-4711", "okapi-logged-4712"
+    body = {"max_tokens": 5, "temperature": 0, "n": 2, "cache": False}
+    res = http.post(COMPLETIONS, json={**body, "prompt": f"my password is {secret}"})
+    assert res.status_code == 200
+    output = res.json()["choices"][0]["text"]
+    assert limited.post(COMPLETIONS, json={**body, "prompt": f"log me {asked}"}).status_code == 200
+    # Both requests' lines are written (the one asked for proves the search sees replica logs).
+    wait_until(lambda: logs_containing(asked), timeout_s=30, interval_s=0.5)
+    request_line = wait_until(lambda: [f for f in logs_containing("n=2 prompt_tokens=") if f"replica_{APP_NAME}_LLMServer" in f])
+    assert request_line, "the shared app logs the request's ids and counts"
+    assert logs_containing(secret) == []
+    if len(output.strip()) >= 8:
+        assert logs_containing(output) == []

@@ -7,6 +7,7 @@ fails requests quickly and the replica comes back; nothing is left behind on del
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -188,7 +189,11 @@ def test_killed_rank_fails_fast_then_replica_recovers(sharded_app) -> None:
             rest = [line for line in lines if line.startswith("data: ")]
         elapsed = time.monotonic() - start
         assert rest[-1] == "data: [DONE]"
-        assert '"internal_error"' in rest[-2], rest[-3:]
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "internal_error", rest[-3:]
+        # A generic message with the request id, never a traceback or a path.
+        assert error["message"].endswith(f"(request id {res.headers['x-request-id']})"), error
+        assert "Traceback" not in error["message"] and ".py" not in error["message"] and "/" not in error["message"]
         assert elapsed < 10 + 5
         wait_until(lambda: _ok(client), timeout_s=180, interval_s=1)
     assert len(alive_ranks()) == 4

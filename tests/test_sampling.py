@@ -57,3 +57,16 @@ def test_logprobs_are_model_logprobs() -> None:
     expected = torch.log_softmax(row, -1)
     assert abs(tok.logprob - float(expected[tok.token_id])) < 1e-6
     assert [i for i, _ in tok.top_logprobs] == torch.topk(expected, 4).indices.tolist()
+
+
+def test_degenerate_temperatures_and_logits_never_fail_a_batch() -> None:
+    """Found by fuzzing: temperature 1e-117 made every logit infinite, softmax NaN and the whole
+    step (every request in the batch) fail."""
+    argmax = int(logits().argmax())
+    assert set(draw(SamplingSpec(temperature=1.1e-117), 1)) == {argmax}
+    assert set(draw(SamplingSpec(temperature=1e-6, top_k=3, top_p=0.5), 1)) == {argmax}
+    row = logits()
+    row[7] = float("inf")
+    assert sample_batch(row[None], [SamplingSpec(temperature=1.0)], [0], [0])[0].token_id == 7
+    nan_row = torch.full((100,), float("nan"))
+    assert 0 <= sample_batch(nan_row[None], [SamplingSpec(temperature=1.0)], [0], [0])[0].token_id < 100

@@ -42,15 +42,24 @@ def is_tf_route(path: str) -> bool:
 def error_response(request: Request, exc: BaseException) -> JSONResponse:
     exc = unwrap(exc)
     if not isinstance(exc, ShardserveError):
-        request_id = uuid.uuid4().hex
+        request_id = _request_id()
         logger.error("unhandled error (request %s)", request_id, exc_info=exc)
         exc = ShardserveError(f"internal server error (request id {request_id})", code="internal_error")
+    elif exc.status_code == 500:  # the id to quote in a report: it is in the server's logs (and x-request-id)
+        exc = type(exc)(f"{exc.message} (request id {_request_id()})", exc.param, exc.code, exc.retry_after_s)
     headers = {}
     if exc.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     path = request.url.path.removeprefix(request.scope.get("root_path", ""))  # the app may sit under a route prefix
     body: dict[str, Any] = {"error": exc.message} if is_tf_route(path) else exc.to_openai()
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _request_id() -> str:
+    """Serve's id of the request being answered (its logs and the x-request-id header carry it)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or uuid.uuid4().hex
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -1,0 +1,31 @@
+"""The request limits that need no tokenizer, checked before any work is sized by a request.
+
+The ingress checks them before it allocates per-output state for the result cache, the LLM
+server again before its own (handle callers skip the ingress): a request asking for n=10**11
+must be a 400, not a list of 10**11 slots. Limits on tokens are checked after tokenization, in
+the server.
+"""
+
+from __future__ import annotations
+
+from deployments.config import LimitsConfig
+from deployments.errors import InvalidRequest
+from deployments.types import GenerateRequest
+
+
+def check_request(request: GenerateRequest, limits: LimitsConfig) -> None:
+    if request.n > limits.max_n:
+        raise InvalidRequest(f"n must be at most {limits.max_n}, got {request.n}", param="n")
+    if len(request.stop) > limits.max_stop_sequences:
+        raise InvalidRequest(f"at most {limits.max_stop_sequences} stop sequences are allowed", param="stop")
+    if any(len(stop) > limits.max_stop_chars for stop in request.stop):
+        raise InvalidRequest(f"stop strings must be at most {limits.max_stop_chars} characters", param="stop")
+    if limits.max_tokens is not None and request.max_tokens is not None and request.max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}, got {request.max_tokens}", param="max_tokens")
+    if request.logprobs is not None and request.logprobs > limits.max_logprobs:
+        raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
+    if request.messages is not None:
+        if not request.messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
+        if len(request.messages) > limits.max_messages:
+            raise InvalidRequest(f"at most {limits.max_messages} messages are allowed", param="messages")
