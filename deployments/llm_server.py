@@ -143,7 +143,9 @@ class LLMServer:
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
         self._started()
-        self._engine.health()
+        # In a thread: a sharded runner pings its ranks, and a hung rank must not stall the
+        # replica's event loop (every stream it serves) while the ping waits out its timeout.
+        await asyncio.to_thread(self._engine.health)
 
     def __del__(self) -> None:
         # Rank actors die with their owner anyway; stopping them first frees their memory now.

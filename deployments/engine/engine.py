@@ -10,6 +10,7 @@ keeps serving health checks and streams while the model computes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -105,7 +106,11 @@ class LLMEngine:
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+            # A fresh context, not the request's that happened to start the loop: Ray treats the
+            # rank tasks a step submits as children of the request in the current context and
+            # cancels them when that client disconnects, failing the step for everyone.
+            loop = asyncio.get_running_loop()
+            self._loop_task = loop.create_task(self._run_loop(), context=contextvars.Context())
 
     async def _run_loop(self) -> None:
         """Steps until idle. Any failure (the runner's, or a bug here) ends every in-flight request
