@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -166,10 +167,13 @@ class Ingress:
 
 @contextmanager
 def _overload_as_503() -> Iterator[None]:
-    """Serve's own refusals (its queue in front of the replicas is full, or no replica is up)
-    become our typed 503, with the same error body and Retry-After as the engine's."""
+    """Serve's own refusals (its queue in front of the replicas is full, or no replica is up),
+    and a replica that died under the request, become our typed 503, with the same error body
+    and Retry-After as the engine's: each is worth retrying."""
     try:
         yield
+    except (ActorDiedError, ActorUnavailableError) as exc:
+        raise Overloaded("the model replica serving this request failed", code="replica_failed", retry_after_s=1.0) from exc
     except BackPressureError as exc:
         raise Overloaded("server is overloaded: request queue is full", code="queue_full", retry_after_s=1.0) from exc
     except DeploymentUnavailableError as exc:
