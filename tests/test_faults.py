@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 from .conftest import SLOW_MAX_TOKENS, wait_until
 
@@ -123,3 +125,63 @@ def test_request_timeout_is_504_and_frees_the_engine(server) -> None:
         assert ok.status_code == 200
     finally:
         serve.delete("timeout")
+
+
+def test_slow_readers_do_not_hold_the_engine_and_memory_stays_bounded(slow_app, http) -> None:
+    """4 streams whose clients stop reading after the first bytes (a 4 KiB receive buffer): the
+    engine still finishes them at full speed (nothing waits on a reader), other requests are
+    served meanwhile, what the server buffers is bounded by the tokens generated (the proxy, the
+    ingress and the model replica together grow by < 64 MB), and every token reaches the reader
+    once it reads again."""
+    import psutil
+    from ray._private import state as gcs_state
+
+    base, engine_stats = slow_app
+    host, port = base.removeprefix("http://").split("/")[0].split(":")
+    serving = ("ProxyActor", "ServeReplica:slow:")
+    pids = [a["Pid"] for a in gcs_state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"].startswith(serving)]
+    assert len(pids) >= 3, pids  # proxy, ingress, model replica
+
+    def rss() -> int:
+        return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+
+    tokens = 400  # 4 x 400 tokens take ~15 s here; the 4 KiB windows fill after a few dozen
+    fields = {"max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+
+    def warm(i: int) -> None:  # the first long batch sizes the replica's buffers: not a leak
+        with http.stream("POST", "/slow/v1/completions", json={**fields, "prompt": f"warm {i}"}) as response:
+            assert response.status_code == 200 and "[DONE]" in response.read().decode()
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(warm, range(4)))
+    fields["prompt"] = "slow reader"  # not in the result cache: every token is generated
+    body = json.dumps({**fields, "stream_options": {"include_usage": True}}).encode()
+    request = (
+        f"POST /slow/v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    before_rss, before_tokens = rss(), engine_stats().generation_tokens
+    readers = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(60)
+        sock.connect((host, int(port)))
+        sock.sendall(request)
+        first = sock.recv(512)  # the headers and a token or so: then this reader stalls
+        assert first.startswith(b"HTTP/1.1 200"), first
+        readers.append((sock, first))
+    assert http.post("/slow/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    wait_until(lambda: engine_stats().generation_tokens - before_tokens >= 4 * tokens + 2, timeout_s=120)
+    wait_until(lambda: engine_stats().num_running == 0, timeout_s=10)
+    grown = rss() - before_rss
+    print(f"4 stalled readers x {tokens} tokens: serving processes grew {grown / 2**20:.1f} MiB")
+    assert grown < 64 * 2**20, grown
+    for sock, received in readers:  # read again: all of it arrives
+        while not received.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of a chunked body
+            data = sock.recv(65536)
+            assert data, "the stream was cut"
+            received += data
+        sock.close()
+        assert b"data: [DONE]" in received and b'"finish_reason":"length"' in received, received[-400:]
+        assert b'"completion_tokens":%d' % tokens in received, received[-400:]
