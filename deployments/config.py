@@ -215,7 +215,7 @@ class ParallelConfig(StrictModel):
 
     step_timeout_s: float = Field(default=30.0, gt=0)
     """A step, or a collective inside it, that takes longer fails the in-flight requests and
-    marks the replica unhealthy (Ray Serve then replaces it with a fresh group of ranks)."""
+    the replica (see `faults`): Ray Serve replaces it with a fresh group of ranks."""
 
     allow_pending_placement: bool = False
     """Deploy even when no node of the cluster as it is now can hold a replica and its ranks
@@ -225,6 +225,22 @@ class ParallelConfig(StrictModel):
     load_timeout_s: float = Field(default=300.0, gt=0)
     """Most time for placing, starting and loading the ranks; past it the replica fails to
     start with a message naming the missing resource."""
+
+
+class FaultsConfig(StrictModel):
+    """What a replica does when its model workers fail, and what the ingress does about it."""
+
+    exit_grace_s: float = Field(default=1.0, ge=0)
+    """After its runner fails (a rank died or hung), a replica refuses new requests (503,
+    code `replica_failed`) and its process exits this long after, once the in-flight requests
+    have their errors: Ray Serve then routes around it and replaces it at once, instead of
+    after three failed health checks that would each let it fail more requests."""
+
+    retries_on_replica_failure: int = Field(default=3, ge=0)
+    """A request whose replica failed before it sent any output (a refusal of a failed replica,
+    or a replica process that died) is sent again this many times, 0.2 s, 0.4 s, ... apart, so
+    that it reaches a healthy replica; a stream that had started is never sent twice, and a
+    request in flight when its replica's ranks failed is not resent (it may be what broke them)."""
 
 
 class ShardserveArgs(StrictModel):
@@ -279,6 +295,9 @@ class ShardserveArgs(StrictModel):
 
     auth: AuthConfig = AuthConfig()
     """API keys, tenants and per-key limits (off when no key is configured)."""
+
+    faults: FaultsConfig = FaultsConfig()
+    """How a replica whose model workers failed leaves, and how requests route around it."""
 
     log_prompts: bool = False
     """Log each request's prompt and generated text at INFO with its request id. Off: logs

@@ -7,6 +7,8 @@ call the same methods, so both paths behave the same.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
-from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers
+from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
@@ -31,6 +33,8 @@ from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.streams import StreamRecorder
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
+
+logger = logging.getLogger("ray.serve")
 
 
 @serve.ingress()
@@ -88,8 +92,14 @@ class Ingress:
         key = cache.key(request)
         if key is not None and (hit := await cache.lookup(key)) is not None:
             return hit
-        with _overload_as_503():
-            response = await self._llms[v].generate.remote(request)
+        for attempt in range(self._args.faults.retries_on_replica_failure + 1):
+            try:
+                with _overload_as_503():
+                    response = await self._llms[v].generate.remote(request)
+                break
+            except Overloaded as exc:
+                if not await self._retry_after_replica_failure(exc, attempt):
+                    raise
         if key is not None:
             await cache.store(key, response)
         return response
@@ -106,15 +116,34 @@ class Ingress:
                 yield chunk
             return
         recorder = StreamRecorder(request.n) if key is not None else None
-        with _overload_as_503():
-            async for chunk in self._llms[v].options(stream=True).generate_stream.remote(request):
-                if recorder is not None:
-                    recorder.add(chunk)
-                yield chunk
+        started = False
+        for attempt in range(self._args.faults.retries_on_replica_failure + 1):
+            try:
+                with _overload_as_503():
+                    async for chunk in self._llms[v].options(stream=True).generate_stream.remote(request):
+                        started = True
+                        if recorder is not None:
+                            recorder.add(chunk)
+                        yield chunk
+                break
+            except Overloaded as exc:
+                if started or not await self._retry_after_replica_failure(exc, attempt):
+                    raise
         if key is not None and recorder is not None:
             response = recorder.response(self.model_name, with_logprobs=request.logprobs is not None)
             if response is not None:
                 await cache.store(key, response)
+
+    async def _retry_after_replica_failure(self, exc: Overloaded, attempt: int) -> bool:
+        """Whether to send the request again: only when its replica failed before producing
+        anything (a failed replica's refusal, or its process gone) and retries are left. The
+        backoff (0.2 s, 0.4 s, ...) gives Serve time to route around the failed replica."""
+        retries = self._args.faults.retries_on_replica_failure
+        if getattr(unwrap(exc), "code", None) != "replica_failed" or attempt >= retries:
+            return False
+        logger.warning("model replica failed before answering; retry %d of %d", attempt + 1, retries)
+        await asyncio.sleep(0.2 * 2**attempt)
+        return True
 
     async def model_card(self, version: int | None = None) -> ModelCard:
         """The card of a served version (None: the newest, whatever the canary split)."""

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import ray
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
@@ -55,7 +56,7 @@ class LLMServer:
         self._runner = make_runner(args)
         self._info = self._runner.load()
         startup.lap("load_model")
-        self._engine = LLMEngine(self._runner, self._info, args.engine)
+        self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
         startup.lap("init_engine")
         self._created = int(time.time())
         self._metrics = EngineMetrics(args.model_name, self._engine.counters)
@@ -146,6 +147,14 @@ class LLMServer:
         # In a thread: a sharded runner pings its ranks, and a hung rank must not stall the
         # replica's event loop (every stream it serves) while the ping waits out its timeout.
         await asyncio.to_thread(self._engine.health)
+
+    def _leave(self, fault: BaseException) -> None:
+        """The runner failed: this replica can serve nothing more. It exits after a grace for
+        the in-flight errors to reach their clients; Ray Serve sees the actor die, routes around
+        it and starts a replacement at once (its ranks and placement group go with it)."""
+        grace = self._args.faults.exit_grace_s
+        logger.error("model workers failed (%s: %s); the replica exits in %.1fs", type(fault).__name__, fault, grace)
+        asyncio.get_running_loop().call_later(grace, _exit_replica)
 
     def __del__(self) -> None:
         # Rank actors die with their owner anyway; stopping them first frees their memory now.
@@ -322,6 +331,10 @@ def make_runner(args: ShardserveArgs) -> ModelRunner:
     if args.world_size == 1:
         return LocalModelRunner(args.model_spec(), args.kv_cache_spec())
     return DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
+
+
+def _exit_replica() -> None:
+    ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
 
 def _new_request_id() -> str:

@@ -197,10 +197,11 @@ class _FailingRunner:
 
 
 async def test_runner_fault_fails_in_flight_requests_and_health(loaded) -> None:
-    from deployments.errors import EngineFault
+    from deployments.errors import EngineFault, Overloaded
 
     runner, info = loaded
-    engine = LLMEngine(_FailingRunner(runner), info, EngineConfig())
+    faults: list[BaseException] = []
+    engine = LLMEngine(_FailingRunner(runner), info, EngineConfig(), on_fault=faults.append)
     seqs = [engine.add([5, 6, 7], [(GREEDY, 0)], 50, ignore_eos=True)[0] for _ in range(3)]
     for seq in seqs:
         with pytest.raises(EngineFault):
@@ -209,5 +210,7 @@ async def test_runner_fault_fails_in_flight_requests_and_health(loaded) -> None:
                     pass
     with pytest.raises(RuntimeError, match="device lost"):
         engine.health()
-    with pytest.raises(EngineFault):
+    assert [str(f) for f in faults] == ["device lost"]  # told once, for all three
+    with pytest.raises(Overloaded) as refused:  # 503: another replica can take it
         engine.add([5], [(GREEDY, 0)], 5, ignore_eos=True)
+    assert refused.value.code == "replica_failed" and refused.value.status_code == 503

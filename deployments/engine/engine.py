@@ -13,12 +13,12 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
 from deployments.engine.scheduler import Scheduled, Scheduler, Sequence
-from deployments.errors import EngineFault
+from deployments.errors import EngineFault, Overloaded
 from deployments.types import EngineStats
 from parallel.runner import ModelInfo, ModelRunner, SampledToken, SamplingSpec, SequenceStep, StepInput, StepOutput
 
@@ -26,8 +26,16 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, info: ModelInfo, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        info: ModelInfo,
+        config: EngineConfig,
+        on_fault: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """`on_fault` is told once when the runner fails: the engine is done for good then."""
         self._runner = runner
+        self._on_fault = on_fault
         self._info = info
         self._blocks = BlockManager(info.num_kv_blocks, info.block_size, config.enable_prefix_caching)
         self._scheduler = Scheduler(config, self._blocks, info.max_model_len)
@@ -63,8 +71,8 @@ class LLMEngine:
     ) -> list[Sequence]:
         """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
         `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'."""
-        if self._fault is not None:
-            raise EngineFault("the model runner failed; the replica is restarting")
+        if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
+            raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
         stop = frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)
         seqs = [Sequence(list(prompt_ids), spec, seed, max_tokens, stop, cache_salt=cache_salt) for spec, seed in samplings]
         self._scheduler.add(seqs)
@@ -123,6 +131,8 @@ class LLMEngine:
             logger.exception("engine step failed")
             self._fault = exc
             self._fail_all(EngineFault("the model runner failed while generating"))
+            if self._on_fault is not None:
+                self._on_fault(exc)
 
     async def _iterate(self) -> None:
         scheduler = self._scheduler
