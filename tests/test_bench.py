@@ -79,3 +79,45 @@ def test_fleet_bench_reports_render() -> None:
     flat["new_replica_constructor_s"] = {}
     text = autoscaling.render({"quick": True, "clients": 2, "load_s": 5, "started": "now", "default": flat, "engine": scaled})
     assert "| 1 | never | 0 / 10 |" in text and "stayed at 1" in text and "| 2 | 12.0 s |" in text and "load_model 0.30 s" in text
+
+
+def test_overload_summary_and_report() -> None:
+    from bench import overload
+
+    outcomes = [
+        overload.Outcome(200, 0.1, 0.2, 1.2, 11),
+        overload.Outcome(200, 0.1, 0.2, 9.0, 11),  # correct but past the SLO
+        overload.Outcome(200, 0.1, 0.2, 1.0, 5),  # cut short: not goodput
+        overload.Outcome(503, 0.01, 0.01, 0.01, 0, "overloaded_error"),
+        overload.Outcome(500, 0.3, 0.3, 0.3, 0, "no JSON error body"),
+    ]
+    s = overload.summarize(outcomes, wall_s=2.0, max_tokens=11, slo_s=4.0)
+    assert (s["offered"], s["accepted"], s["refused"], s["failed_other"]) == (5, 3, 1, 1)
+    assert s["within_slo"] == 1 and s["goodput_rps"] == 0.5 and s["wrong_token_count"] == 1
+    assert s["failures"] == ["500 no JSON error body"] and s["refusal_p99_ms"] == 10.0
+    half = {**s, "goodput_rps": 0.25}
+    report = {
+        "model": "m", "quick": True, "started": "now", "max_tokens": 11, "prompt_tokens": [32, 64], "concurrency": 16,
+        "window_s": 6.0, "slo_s": 4.0,
+        "shardserve": {"sustainable_rps": 2.0, "rates": {"1x": s, "2x": s}},
+        "serve_batch": {"sustainable_rps": 3.0, "rates": {"1x": s, "2x": half}},
+    }  # fmt: skip
+    text = overload.render(report)
+    assert "| shardserve (bounded queues) | 2x = 4.0 req/s | 5 | 3 | 1 (10 / 10) | 1 |" in text
+    assert "| 0.25 req/s | 50% |" in text and "shardserve / @serve.batch: 2.00x" in text
+
+
+def test_chaos_report() -> None:
+    from bench import chaos
+
+    event = {"kind": "rank", "at_s": 5.0, "recovery_s": 7.5, "placement_groups_match_replicas": True,
+             "placement_groups": 2, "replicas": 2, "failed": 2, "failed_unclean": [], "failed_statuses": [500, 503],
+             "last_failure_after_s": 4.2}  # fmt: skip
+    report = {"model": "m", "quick": True, "period_s": 10.0, "seed": 0, "started": "now", "requests": 100, "failed": 2,
+              "events": [event, {**event, "kind": "replica", "recovery_s": None}], "all_cleared_after_delete": True}  # fmt: skip
+    text = chaos.render(report)
+    assert "| rank | 7.5 s | 2 (500, 503) | 0 | 4.2 s | yes (2/2) |" in text
+    assert "| replica | not within 180 s |" in text and "- rank: recovery p50 7.5 s" in text
+    assert chaos.clean(chaos.Outcome(0, 1, 503, '{"error": {"message": "busy", "type": "overloaded_error"}}'))
+    assert not chaos.clean(chaos.Outcome(0, 1, 500, "Internal Server Error"))
+    assert not chaos.clean(chaos.Outcome(0, 1, 0, "ReadError()"))
