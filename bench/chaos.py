@@ -1,4 +1,5 @@
-"""Chaos run: a tp=2 app on two replicas under steady load, something killed every 20 s.
+"""Chaos run: a tp=2 app on two replicas under steady load, something killed every 20 s (or
+as soon as the app is back at full strength, when recovering takes longer).
 
     python -m bench.chaos           # 9 faults, about 4 minutes on 2 CPU cores
     python -m bench.chaos --quick   # 3 faults (one of each), about 2 minutes
@@ -21,62 +22,18 @@ import json
 import os
 import random
 import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.serving import RESULTS, free_port, log, publish
-from bench.workload import percentile
+from bench.workload import ClosedLoop, Outcome, percentile
 
 APP = "chaos"
 KINDS = ("replica", "rank", "controller")
-
-
-@dataclass
-class Outcome:
-    started: float
-    ended: float
-    status: int
-    body: str
-
-
-@dataclass
-class Load:
-    """Closed-loop clients until stopped; every outcome kept, in the order they ended."""
-
-    base: str
-    clients: int
-    max_tokens: int
-    outcomes: list[Outcome] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        for i in range(self.clients):
-            self._threads.append(threading.Thread(target=self._client, args=(i,), daemon=True))
-            self._threads[-1].start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-
-    def _client(self, i: int) -> None:
-        body = {"prompt": f"Client {i} asks", "max_tokens": self.max_tokens, "temperature": 0, "ignore_eos": True}
-        body["cache"] = False
-        with httpx.Client(base_url=self.base, timeout=120) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    res = client.post("/v1/completions", json=body)
-                    status, text = res.status_code, res.text
-                except httpx.HTTPError as exc:
-                    status, text = 0, repr(exc)
-                self.outcomes.append(Outcome(started, time.monotonic(), status, text))
 
 
 def live_actors(class_prefix: str) -> dict[str, int]:
@@ -202,11 +159,9 @@ def run(base: str, model: str, rounds: int, period_s: float, seed: int) -> dict[
         raise TimeoutError("the tp=2 app did not come up")
     pgs_at_start = created_pgs()
     rng = random.Random(seed)
-    load = Load(url, clients=4, max_tokens=16)
-    load.start()
-    events: list[dict[str, Any]] = []
-    start = time.monotonic()
-    try:
+    with ClosedLoop(url, clients=4, body={"max_tokens": 16, "temperature": 0, "ignore_eos": True, "cache": False}) as load:
+        events: list[dict[str, Any]] = []
+        start = time.monotonic()
         time.sleep(period_s / 2)  # steady state first
         order = [kind for _ in range(rounds) for kind in rng.sample(KINDS, len(KINDS))]
         for n, kind in enumerate(order):
@@ -226,8 +181,6 @@ def run(base: str, model: str, rounds: int, period_s: float, seed: int) -> dict[
             log(f"    back to full strength in {recovery if recovery is None else round(recovery, 1)} s")
             events.append(event)
             time.sleep(max(0.0, fault_at + period_s - time.monotonic()))
-    finally:
-        load.stop()
     outcomes = load.outcomes
     for i, event in enumerate(events):  # failures belong to the fault before them
         lo = start + event["at_s"]

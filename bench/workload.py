@@ -6,8 +6,10 @@ import asyncio
 import json
 import random
 import statistics
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import httpx
 
@@ -152,3 +154,54 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
 
 def as_json(obj: object) -> str:
     return json.dumps(obj, indent=2, default=lambda o: asdict(o))
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    status: int  # 0: no HTTP answer (connection error)
+    body: str
+
+
+@dataclass
+class ClosedLoop:
+    """Clients in threads, each sending one non-streamed completion after another until stopped;
+    every outcome is kept with its timing, so that a fault run can say which requests failed,
+    when they had started and how they ended. A context manager (start on enter, stop on exit)."""
+
+    base: str
+    clients: int = 4
+    body: dict[str, Any] = field(default_factory=lambda: {"max_tokens": 24, "temperature": 0, "ignore_eos": True})
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> ClosedLoop:
+        for i in range(self.clients):
+            self._threads.append(threading.Thread(target=self._client, args=(i,), daemon=True))
+            self._threads[-1].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+
+    def failures(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != 200]
+
+    def successes_after(self, t: float) -> int:
+        return sum(1 for o in self.outcomes if o.status == 200 and o.started > t)
+
+    def _client(self, i: int) -> None:
+        body = {"prompt": f"Client {i} asks", **self.body}
+        with httpx.Client(base_url=self.base, timeout=120) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    res = client.post("/v1/completions", json=body)
+                    status, text = res.status_code, res.text
+                except httpx.HTTPError as exc:
+                    status, text = 0, repr(exc)
+                self.outcomes.append(Outcome(started, time.monotonic(), status, text))

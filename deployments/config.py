@@ -237,10 +237,11 @@ class FaultsConfig(StrictModel):
     after three failed health checks that would each let it fail more requests."""
 
     retries_on_replica_failure: int = Field(default=3, ge=0)
-    """A request whose replica failed before it sent any output (a refusal of a failed replica,
-    or a replica process that died) is sent again this many times, 0.2 s, 0.4 s, ... apart, so
-    that it reaches a healthy replica; a stream that had started is never sent twice, and a
-    request in flight when its replica's ranks failed is not resent (it may be what broke them)."""
+    """A request refused by a failed replica (nothing of it ran) is sent again up to this many
+    times, 0.2 s, 0.4 s, ... apart, so that it reaches a healthy replica; one whose replica
+    process died under it, before it produced any output, is sent again once (it may be what
+    killed the replica). A stream that had started is never sent twice, nor a request in flight
+    when its replica's ranks failed."""
 
 
 class ShardserveArgs(StrictModel):

@@ -136,10 +136,14 @@ class Ingress:
 
     async def _retry_after_replica_failure(self, exc: Overloaded, attempt: int) -> bool:
         """Whether to send the request again: only when its replica failed before producing
-        anything (a failed replica's refusal, or its process gone) and retries are left. The
-        backoff (0.2 s, 0.4 s, ...) gives Serve time to route around the failed replica."""
+        anything and retries are left. A failed replica's refusal (nothing of the request ran)
+        is retried up to `retries_on_replica_failure` times; a replica process that died under
+        the request only once, since the request may be what killed it. The backoff (0.2 s,
+        0.4 s, ...) gives Serve time to route around the failed replica."""
         retries = self._args.faults.retries_on_replica_failure
         if getattr(unwrap(exc), "code", None) != "replica_failed" or attempt >= retries:
+            return False
+        if isinstance(exc.__cause__, (ActorDiedError, ActorUnavailableError)) and attempt >= 1:
             return False
         logger.warning("model replica failed before answering; retry %d of %d", attempt + 1, retries)
         await asyncio.sleep(0.2 * 2**attempt)

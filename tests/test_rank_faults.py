@@ -1,5 +1,6 @@
 """Faults of a tensor-parallel (tp=2) replica under traffic: clients that go away, a rank that
-hangs, a burst far past capacity. Real rank processes, real gloo; the faults are real signals.
+hangs, a burst far past capacity, a rank killed while a second replica serves. Real rank
+processes, real gloo; the faults are real signals.
 
 (A rank killed with SIGKILL mid-generation is in test_parallel.py, on the tp=2 x pp=2 app.)
 """
@@ -20,6 +21,7 @@ import ray
 from ray import serve
 from ray._private import state as gcs_state
 
+from bench.workload import ClosedLoop
 from deployments.app import bind_app
 from deployments.config import ShardserveArgs
 
@@ -150,3 +152,36 @@ async def test_a_burst_of_200_requests_does_not_fail_health_checks(tp2: str) -> 
     assert replicas() == before
     app = serve.status().applications[APP]
     assert app.deployments["LLMServer"].status == "HEALTHY"
+
+
+def test_a_killed_rank_fails_only_its_in_flight_requests_the_rest_are_served(tp2: str) -> None:
+    """Two tp=2 replicas under steady load, a rank of one SIGKILLed: the requests in flight on
+    its replica fail cleanly; that replica refuses the next ones and leaves at once, the ingress
+    resends them to the other replica, so nothing that started after the kill fails (without
+    this, every request routed to it failed with a 500 until three health checks had failed);
+    a new replica with a new rank group takes its place. Runs last: it scales the module's app."""
+    args = {**TEST_ARGS, "tensor_parallel_size": 2, "parallel": {"step_timeout_s": STEP_TIMEOUT_S}}
+    overrides = {"health_check_period_s": HEALTH_PERIOD_S, "health_check_timeout_s": 5, "num_replicas": 2}
+    serve.run(bind_app(ShardserveArgs.model_validate(args), overrides), name=APP, route_prefix=f"/{APP}")
+    wait_until(lambda: len(replicas()) == 2 and len(rank_pids()) == 4, timeout_s=120, interval_s=0.5)
+    before_replicas, before_pgs = replicas(), created_pgs()
+    victim = rank_pids()[0]
+    body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True, "cache": False}
+    with ClosedLoop(tp2, body=body) as load:
+        wait_until(lambda: load.successes_after(0) >= 20, timeout_s=120)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(replicas() - before_replicas) == 1 and len(replicas()) == 2, timeout_s=120, interval_s=0.5)
+        wait_until(lambda: len(rank_pids()) == 4 and victim not in rank_pids(), timeout_s=120, interval_s=0.5)
+        recovered = time.monotonic()
+        wait_until(lambda: load.successes_after(recovered) >= 50, timeout_s=120)
+    failures = load.failures()
+    assert len(failures) <= load.clients, failures  # at most one in flight per client
+    for o in failures:
+        assert o.started < killed_at + 1.0, o  # in flight when the step failed, not sent after
+        assert o.ended - killed_at < 5.0, o
+        error = json.loads(o.body)["error"]
+        assert o.status in (500, 503) and "Traceback" not in o.body and error["message"], o
+    served_after = [o for o in load.outcomes if o.started > killed_at + 1.0]
+    assert len(served_after) >= 50 and all(o.status == 200 for o in served_after)
+    wait_until(lambda: created_pgs() == before_pgs, timeout_s=30)  # the failed replica's group went with it

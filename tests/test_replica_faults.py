@@ -9,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ import ray
 from ray import serve
 from ray._private import state as gcs_state
 
+from bench.workload import ClosedLoop
 from deployments.app import bind_app
 from deployments.config import ShardserveArgs
 
@@ -48,62 +48,15 @@ def pair(server: str) -> Iterator[str]:
     serve.delete(APP)
 
 
-@dataclass
-class Outcome:
-    started: float
-    ended: float
-    status: int
-    body: str
-
-
-@dataclass
-class Load:
-    """Closed-loop clients sending short greedy completions until stopped; every outcome kept."""
-
-    base: str
-    clients: int = 4
-    outcomes: list[Outcome] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-
-    def __enter__(self) -> Load:
-        for i in range(self.clients):
-            self._threads.append(threading.Thread(target=self._client, args=(i,), daemon=True))
-            self._threads[-1].start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _client(self, i: int) -> None:
-        body = {"prompt": f"Client {i} asks", "max_tokens": 24, "temperature": 0, "ignore_eos": True}
-        with httpx.Client(base_url=self.base, timeout=60) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    res = client.post("/v1/completions", json=body)
-                    status, text = res.status_code, res.text
-                except httpx.HTTPError as exc:
-                    status, text = 0, repr(exc)
-                self.outcomes.append(Outcome(started, time.monotonic(), status, text))
-
-    def failures(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status != 200]
-
-    def wait_for(self, successes: int, after: float, timeout_s: float = 120) -> None:
-        wait_until(lambda: sum(1 for o in self.outcomes if o.status == 200 and o.started > after) >= successes, timeout_s)
-
-
 def test_killed_replica_fails_only_its_in_flight_requests(pair: str) -> None:
     victim_id, victim_pid = next(iter(replica_pids().items()))
-    with Load(pair) as load:
-        load.wait_for(20, after=0)
+    with ClosedLoop(pair) as load:
+        wait_until(lambda: load.successes_after(0) >= 20, timeout_s=120)
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
         wait_until(lambda: len(replica_pids()) == 2 and victim_id not in replica_pids(), timeout_s=60, interval_s=0.2)
-        load.wait_for(50, after=time.monotonic())  # the next 50 requests after the new replica is up
+        recovered = time.monotonic()
+        wait_until(lambda: load.successes_after(recovered) >= 50, timeout_s=120)  # the next 50 after the new replica is up
     failures = load.failures()
     assert len(failures) <= load.clients, failures  # at most one in flight per client
     for o in failures:
@@ -117,8 +70,8 @@ def test_killed_replica_fails_only_its_in_flight_requests(pair: str) -> None:
 def test_controller_killed_under_load_fails_no_request(pair: str) -> None:
     controller = ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     old_pid = ray.get(controller.__ray_call__.remote(lambda self: os.getpid()))
-    with Load(pair) as load:
-        load.wait_for(10, after=0)
+    with ClosedLoop(pair) as load:
+        wait_until(lambda: load.successes_after(0) >= 10, timeout_s=120)
         ray.kill(controller, no_restart=False)  # Ray restarts it; the data plane keeps serving
         killed_at = time.monotonic()
 
@@ -130,7 +83,7 @@ def test_controller_killed_under_load_fails_no_request(pair: str) -> None:
                 return False
 
         wait_until(controller_back, timeout_s=60, interval_s=0.5)
-        load.wait_for(30, after=killed_at)
+        wait_until(lambda: load.successes_after(killed_at) >= 30, timeout_s=120)
     assert load.failures() == []
     wait_until(lambda: serve.status().applications[APP].status == "RUNNING", timeout_s=60, interval_s=0.5)
 
