@@ -99,11 +99,12 @@ def test_overload_summary_and_report() -> None:
     report = {
         "model": "m", "quick": True, "started": "now", "max_tokens": 11, "prompt_tokens": [32, 64], "concurrency": 16,
         "window_s": 6.0, "slo_s": 4.0,
-        "shardserve": {"sustainable_rps": 2.0, "rates": {"1x": s, "2x": s}},
-        "serve_batch": {"sustainable_rps": 3.0, "rates": {"1x": s, "2x": half}},
+        "shardserve": {"sustainable_rps": 2.0, "saturated": s, "rates": {"1x": s, "2x": s}, "peak_goodput_rps": 0.5},
+        "serve_batch": {"sustainable_rps": 3.0, "saturated": s, "rates": {"1x": s, "2x": half}, "peak_goodput_rps": 0.5},
     }  # fmt: skip
     text = overload.render(report)
     assert "| shardserve (bounded queues) | 2x = 4.0 req/s | 5 | 3 | 1 (10 / 10) | 1 |" in text
+    assert "| shardserve (bounded queues) | closed loop, 16 clients | 5 | 3 |" in text
     assert "| 0.25 req/s | 50% |" in text and "shardserve / @serve.batch: 2.00x" in text
 
 
