@@ -25,7 +25,6 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
-from parallel.compression import QUANT_KEY
 from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
 from parallel.paged_model import PagedKVCache
 from parallel.placement import ParallelLayout, check_heads, replica_bundles
@@ -65,11 +64,6 @@ class DistributedModelRunner:
     def load(self) -> ModelInfo:
         spec, par = self._spec, self._parallel
         path, hf_config = load_model_config(spec)
-        if getattr(hf_config, QUANT_KEY, None):
-            raise ModelLoadError(
-                f"{spec.model} is an int8 version (shardserve compress --int8); it is served with "
-                "tensor_parallel_size and pipeline_parallel_size 1 (sharding int8 layers is not supported yet)"
-            )
         try:
             layout = ParallelLayout(par.tensor_parallel_size, par.pipeline_parallel_size, hf_config.num_hidden_layers)
             check_heads(hf_config.num_attention_heads, hf_config.num_key_value_heads, par.tensor_parallel_size)
@@ -116,6 +110,7 @@ class DistributedModelRunner:
             max_model_len=window,
             eos_token_ids=eos_token_ids(hf_config),
             num_parameters=_count_parameters(path),
+            weight_bytes=sum(r.parameter_bytes for r in self.reports),
             dtype=spec.dtype,
             num_kv_blocks=num_blocks,
             block_size=self._kv.block_size,
@@ -232,10 +227,12 @@ def _split(step_input: StepInput, parts: int) -> list[StepInput]:
 
 
 def _count_parameters(path: Path) -> int:
-    """Parameters in the checkpoint, read from the safetensors headers (no tensor is loaded)."""
+    """Parameters in the checkpoint (int8 weights included, as `LocalModelRunner` counts them),
+    read from the safetensors headers: no tensor is loaded."""
     total = 0
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():
-                total += math.prod(fh.get_slice(key).get_shape())
+                if not key.endswith(".weight_scale"):  # int8 scales are not parameters
+                    total += math.prod(fh.get_slice(key).get_shape())
     return total

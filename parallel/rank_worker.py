@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallel.int8_shards import requantize_shards
 from parallel.loading import DTYPES, ModelSpec, load_model_config
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.placement import ParallelLayout, RankPlacement
@@ -104,7 +105,7 @@ class RankWorker:
 
         path, hf_config = load_model_config(spec)
         dtype = DTYPES[spec.dtype]
-        model = load_stage(
+        model, int8_scales = load_stage(
             path,
             hf_config,
             placement.layers,
@@ -115,6 +116,8 @@ class RankWorker:
         )
         if layout.tensor_parallel_size > 1:
             model = _shard_with_autotp(model, tp_group, layout.tensor_parallel_size, dtype, spec.device)
+        if int8_scales:
+            requantize_shards(model, int8_scales, tp_group)
         model = model.to(spec.device)
         layers, kv_heads, head_dim = kv_shape(model)
         cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, spec.device)

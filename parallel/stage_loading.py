@@ -3,7 +3,8 @@
 The model skeleton is built on the meta device (no memory), cut down to the stage's decoder
 layers (plus embeddings on the first stage, final norm and LM head on the last), and only the
 tensors those modules own are read from the safetensors files. A rank never holds the whole
-model, which is the point of pipeline parallelism.
+model, which is the point of pipeline parallelism. Int8 versions are read as dequantized float
+weights plus their scales, for `parallel.int8_shards` to quantize again once sharded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from parallel.compression import QUANT_KEY
+from parallel.int8_shards import dequantize
 from parallel.loading import ModelLoadError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
@@ -31,8 +34,12 @@ def load_stage(
     last_stage: bool,
     dtype: torch.dtype,
     trust_remote_code: bool,
-) -> torch.nn.Module:
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The stage's model, and the int8 scales of its quantized linears by local module name
+    (empty for a float checkpoint)."""
     first, last = layers
+    quantized = {f"{m}.weight" for m in (getattr(hf_config, QUANT_KEY, None) or {}).get("modules", [])}
+    scales: dict[str, torch.Tensor] = {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=trust_remote_code)
     inner = model.model
@@ -50,7 +57,12 @@ def load_stage(
             for key in fh.keys():
                 local = _local_name(key, first, last)
                 if local in wanted:
-                    set_module_tensor_to_device(model, local, "cpu", value=fh.get_tensor(key), dtype=dtype)
+                    value = fh.get_tensor(key)
+                    if key in quantized:
+                        scale = _tensor(path, f"{key}_scale", fh).to(dtype)
+                        value = dequantize(value, scale, dtype)
+                        scales[local.removesuffix(".weight")] = scale
+                    set_module_tensor_to_device(model, local, "cpu", value=value, dtype=dtype)
                     loaded.add(local)
                 if key == embed_key and last_stage and "lm_head.weight" in wanted and "lm_head.weight" not in loaded:
                     tied = getattr(hf_config, "tie_word_embeddings", False)
@@ -60,7 +72,18 @@ def load_stage(
     missing = sorted(wanted - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint {path} lacks {len(missing)} tensors of this stage, e.g. {missing[:3]}")
-    return model.eval()
+    return model.eval(), scales
+
+
+def _tensor(path: Path, key: str, open_file: object) -> torch.Tensor:
+    """A tensor by name: from the open file when it is there, else from the file that has it."""
+    if key in open_file.keys():  # type: ignore[attr-defined]
+        return open_file.get_tensor(key)  # type: ignore[attr-defined]
+    for file in _weight_files(path):
+        with safe_open(str(file), framework="pt") as fh:
+            if key in fh.keys():
+                return fh.get_tensor(key)
+    raise ModelLoadError(f"checkpoint {path} lacks {key}, the scale of an int8 weight")
 
 
 def _local_name(key: str, first: int, last: int) -> str:

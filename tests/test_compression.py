@@ -76,18 +76,6 @@ def test_a_version_beyond_tolerance_is_refused(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "tiny").iterdir() if p.name.startswith(".staging")]
 
 
-def test_sharding_an_int8_version_is_refused_clearly(tmp_path: Path) -> None:
-    from deployments.config import ShardserveArgs
-    from parallel.distributed_runner import DistributedModelRunner
-    from parallel.loading import ModelLoadError
-
-    compress(tmp_path, "--int8")
-    args = ShardserveArgs(model=str(model_repository.version_dir(tmp_path, "tiny", 1)), tensor_parallel_size=2)
-    runner = DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
-    with pytest.raises(ModelLoadError, match="int8 version"):
-        runner.load()
-
-
 def test_a_version_is_rebuilt_from_its_recorded_settings(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

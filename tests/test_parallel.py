@@ -22,6 +22,8 @@ from ray._private import state as gcs_state
 from deployments.app import bind_app
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
+from parallel import model_repository
+from parallel.compress_cli import main as compress_main
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import ModelLoadError
 from parallel.local_runner import LocalModelRunner
@@ -34,9 +36,9 @@ KV = KVCacheSpec(block_size=16, num_blocks=128, memory_bytes=0)
 CONFIGS = [(2, 1), (1, 2), (2, 2)]
 
 
-def args_for(tp: int, pp: int, **parallel) -> ShardserveArgs:
+def args_for(tp: int, pp: int, model: str = "shardserve/tiny-llama", **parallel) -> ShardserveArgs:
     return ShardserveArgs(
-        model="shardserve/tiny-llama",
+        model=model,
         max_model_len=256,
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
@@ -58,15 +60,27 @@ async def greedy_tokens(runner, info) -> list[list[int]]:
     return list(await asyncio.gather(*(one(p) for p in PROMPTS)))
 
 
-@pytest.fixture(scope="module")
-def reference(ray_cluster):
-    args = args_for(1, 1)
-    runner = LocalModelRunner(args.model_spec(), KV)
+def unsharded(model: str = "shardserve/tiny-llama"):
+    runner = LocalModelRunner(args_for(1, 1, model).model_spec(), KV)
     info = runner.load()
     logits = runner.logits(prefill_step())
     tokens = asyncio.run(greedy_tokens(runner, info))
     runner.shutdown()
     return logits, tokens, info
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster):
+    return unsharded()
+
+
+@pytest.fixture(scope="module")
+def int8_reference(ray_cluster, tmp_path_factory):
+    """An int8 version of the default model (shardserve compress --int8) and its unsharded run."""
+    repo = tmp_path_factory.mktemp("repo")
+    assert compress_main(["compress", "shardserve/tiny-llama", "--repo", str(repo), "--name", "tiny", "--int8"]) == 0
+    path = str(model_repository.version_dir(repo, "tiny", 1))
+    return path, *unsharded(path)
 
 
 @pytest.mark.parametrize(("tp", "pp"), CONFIGS)
@@ -81,6 +95,26 @@ def test_sharded_runner_matches_unsharded(reference, tp, pp) -> None:
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
         assert asyncio.run(greedy_tokens(runner, info)) == ref_tokens
         check_memory_split(runner, tp, pp, ref_info.num_parameters)
+    finally:
+        runner.shutdown()
+    wait_until(lambda: not alive_ranks(), timeout_s=30)
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_sharded_int8_version_matches_unsharded_int8(int8_reference, tp, pp) -> None:
+    """Int8 shards compute what the unsharded int8 model computes, and hold one byte per weight."""
+    path, ref_logits, ref_tokens, ref_info = int8_reference
+    args = args_for(tp, pp, path)
+    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
+    try:
+        info = runner.load()
+        assert info.num_parameters == ref_info.num_parameters
+        logits = runner.logits(prefill_step())
+        assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
+        assert asyncio.run(greedy_tokens(runner, info)) == ref_tokens
+        check_memory_split(runner, tp, pp, ref_info.num_parameters, linear_bytes=1)
+        float_bytes = sum(expected_rank_bytes(r.stage, tp, pp, ref_info.num_parameters, 4) for r in runner.reports)
+        assert info.weight_bytes == sum(r.parameter_bytes for r in runner.reports) < 0.6 * float_bytes
     finally:
         runner.shutdown()
     wait_until(lambda: not alive_ranks(), timeout_s=30)
@@ -107,15 +141,25 @@ def test_rank_rendezvous_listens_only_on_the_node_address(reference) -> None:
     wait_until(lambda: not alive_ranks(), timeout_s=30)
 
 
-def check_memory_split(runner: DistributedModelRunner, tp: int, pp: int, total_params: int) -> None:
-    """Each rank holds about 1/(tp*pp) of the decoder weights, plus embeddings/head where they live."""
-    hidden, vocab = 64, 512  # tiny-llama
-    embed = lm_head = vocab * hidden * 4
-    decoder = total_params * 4 - embed - lm_head - hidden * 4
+TINY = {"hidden": 64, "vocab": 512, "layers": 4}  # shardserve/tiny-llama
+
+
+def expected_rank_bytes(stage: int, tp: int, pp: int, total_params: int, linear_bytes: int) -> float:
+    """A rank's weight bytes: 1/(tp*pp) of the decoder's linears (at `linear_bytes` per weight),
+    its stage's norms (replicated across tp), the embeddings on the first stage and 1/tp of the
+    head plus the final norm on the last."""
+    hidden, vocab, layers = TINY["hidden"], TINY["vocab"], TINY["layers"]
+    embed = lm_head = vocab * hidden
+    norms = 2 * hidden * layers
+    linears = total_params - embed - lm_head - hidden - norms
+    decoder = linears * linear_bytes / (tp * pp) + norms * 4 / pp
+    return decoder + (embed * 4 if stage == 0 else 0) + (lm_head * 4 / tp + hidden * 4 if stage == pp - 1 else 0)
+
+
+def check_memory_split(runner: DistributedModelRunner, tp: int, pp: int, total_params: int, linear_bytes: int = 4) -> None:
+    """Each rank holds exactly its share of the weights: no rank keeps a whole copy."""
     for report in runner.reports:
-        extra = (embed if report.stage == 0 else 0) + (lm_head / tp + hidden * 4 if report.stage == pp - 1 else 0)
-        share = (report.parameter_bytes - extra) / decoder
-        assert abs(share - 1 / (tp * pp)) < 0.02, (report, share)
+        assert report.parameter_bytes == expected_rank_bytes(report.stage, tp, pp, total_params, linear_bytes), report
         assert report.peak_rss_bytes > 0
 
 
