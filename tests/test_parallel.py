@@ -83,10 +83,11 @@ def int8_reference(ray_cluster, tmp_path_factory):
     return path, *unsharded(path)
 
 
-@pytest.mark.parametrize(("tp", "pp"), CONFIGS)
-def test_sharded_runner_matches_unsharded(reference, tp, pp) -> None:
+def check_sharded_matches(reference, tp: int, pp: int, model: str, linear_bytes: int) -> tuple[int, float]:
+    """Shards at (tp, pp) give the unsharded run's logits and greedy tokens, each rank holds its
+    exact share of the weights; returns the replica's weight bytes and the float32 figure."""
     ref_logits, ref_tokens, ref_info = reference
-    args = args_for(tp, pp)
+    args = args_for(tp, pp, model)
     runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
     try:
         info = runner.load()
@@ -94,30 +95,26 @@ def test_sharded_runner_matches_unsharded(reference, tp, pp) -> None:
         logits = runner.logits(prefill_step())
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
         assert asyncio.run(greedy_tokens(runner, info)) == ref_tokens
-        check_memory_split(runner, tp, pp, ref_info.num_parameters)
+        check_memory_split(runner, tp, pp, ref_info.num_parameters, linear_bytes)
+        assert info.weight_bytes == sum(r.parameter_bytes for r in runner.reports)
+        float_bytes = sum(expected_rank_bytes(r.stage, tp, pp, ref_info.num_parameters, 4) for r in runner.reports)
     finally:
         runner.shutdown()
     wait_until(lambda: not alive_ranks(), timeout_s=30)
+    return info.weight_bytes, float_bytes
+
+
+@pytest.mark.parametrize(("tp", "pp"), CONFIGS)
+def test_sharded_runner_matches_unsharded(reference, tp, pp) -> None:
+    check_sharded_matches(reference, tp, pp, "shardserve/tiny-llama", linear_bytes=4)
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
 def test_sharded_int8_version_matches_unsharded_int8(int8_reference, tp, pp) -> None:
     """Int8 shards compute what the unsharded int8 model computes, and hold one byte per weight."""
-    path, ref_logits, ref_tokens, ref_info = int8_reference
-    args = args_for(tp, pp, path)
-    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
-    try:
-        info = runner.load()
-        assert info.num_parameters == ref_info.num_parameters
-        logits = runner.logits(prefill_step())
-        assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
-        assert asyncio.run(greedy_tokens(runner, info)) == ref_tokens
-        check_memory_split(runner, tp, pp, ref_info.num_parameters, linear_bytes=1)
-        float_bytes = sum(expected_rank_bytes(r.stage, tp, pp, ref_info.num_parameters, 4) for r in runner.reports)
-        assert info.weight_bytes == sum(r.parameter_bytes for r in runner.reports) < 0.6 * float_bytes
-    finally:
-        runner.shutdown()
-    wait_until(lambda: not alive_ranks(), timeout_s=30)
+    path, *reference = int8_reference
+    weight_bytes, float_bytes = check_sharded_matches(reference, tp, pp, path, linear_bytes=1)
+    assert weight_bytes < 0.6 * float_bytes
 
 
 def test_rank_rendezvous_listens_only_on_the_node_address(reference) -> None:
@@ -156,7 +153,7 @@ def expected_rank_bytes(stage: int, tp: int, pp: int, total_params: int, linear_
     return decoder + (embed * 4 if stage == 0 else 0) + (lm_head * 4 / tp + hidden * 4 if stage == pp - 1 else 0)
 
 
-def check_memory_split(runner: DistributedModelRunner, tp: int, pp: int, total_params: int, linear_bytes: int = 4) -> None:
+def check_memory_split(runner: DistributedModelRunner, tp: int, pp: int, total_params: int, linear_bytes: int) -> None:
     """Each rank holds exactly its share of the weights: no rank keeps a whole copy."""
     for report in runner.reports:
         assert report.parameter_bytes == expected_rank_bytes(report.stage, tp, pp, total_params, linear_bytes), report
