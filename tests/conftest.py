@@ -129,22 +129,17 @@ def slow_app(server: str) -> Iterator[tuple[str, Callable[[], Any]]]:
     serve.delete("slow")
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real redis-server on loopback: the one .ci/run starts (SHARDSERVE_TEST_REDIS_URL), or
-    one started here. Skipped only outside CI when redis-server is not installed."""
+def start_redis_server(port: int) -> Any:
+    """A redis-server of the test's own on loopback (a subprocess.Popen), answering PING.
+    Skipped only outside CI when redis-server is not installed."""
     import shutil
     import subprocess
 
-    if os.environ.get("SHARDSERVE_TEST_REDIS_URL"):
-        yield os.environ["SHARDSERVE_TEST_REDIS_URL"]
-        return
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         pytest.skip("redis-server is not installed")
-    port = free_port()
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -160,6 +155,18 @@ def redis_url() -> Iterator[str]:
             return False
 
     wait_until(answers, timeout_s=20)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on loopback: the one .ci/run starts (SHARDSERVE_TEST_REDIS_URL), or
+    one started here."""
+    if os.environ.get("SHARDSERVE_TEST_REDIS_URL"):
+        yield os.environ["SHARDSERVE_TEST_REDIS_URL"]
+        return
+    port = free_port()
+    proc = start_redis_server(port)
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)

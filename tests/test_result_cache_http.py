@@ -1,5 +1,5 @@
 """The result cache in the running app: HTTP hits and opt-outs, streamed hits, Redis shared
-across ingress restarts, and a Redis that is down."""
+across ingress restarts, a Redis that is down, and one stopped under load and started again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import TEST_ARGS, free_port, wait_until
+from .conftest import TEST_ARGS, free_port, start_redis_server, wait_until
 
 
 def unique_prompt() -> str:
@@ -150,3 +150,60 @@ def test_redis_down_serves_uncached_and_counts_errors(server: str) -> None:
         assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 2  # at least both lookups
     finally:
         serve.delete("deadredis")
+
+
+def test_redis_stopped_under_load_serves_uncached_then_hits_again(server: str) -> None:
+    """A client repeats a cached request while Redis is killed: every answer is 200 and the same,
+    served uncached (errors counted) once Redis is gone; a Redis started again on the same port is
+    used again without a redeploy."""
+    import threading
+
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    redis = start_redis_server(port)
+    serve.run(
+        build_app({**TEST_ARGS, "cache": {"url": f"redis://127.0.0.1:{port}/0"}}), name="stopredis", route_prefix="/stopredis"
+    )
+    try:
+        with httpx.Client(base_url=f"{server}/stopredis", timeout=60) as http:
+            body = {"prompt": unique_prompt(), "max_tokens": 6, "temperature": 0}
+            first = complete(http, body)
+            wait_until(lambda: complete(http, body).headers["x-shardserve-cache"] == "hit", timeout_s=30, interval_s=0.2)
+            answers: list[httpx.Response] = []
+            done = threading.Event()
+
+            def client() -> None:
+                with httpx.Client(base_url=f"{server}/stopredis", timeout=60) as own:
+                    while not done.is_set():
+                        answers.append(own.post("/v1/completions", json=body))
+
+            thread = threading.Thread(target=client)
+            thread.start()
+            try:
+                wait_until(lambda: len(answers) >= 5, timeout_s=30)
+                redis.kill()
+                redis.wait(timeout=10)
+                killed_at = len(answers)
+                wait_until(lambda: len(answers) >= killed_at + 10, timeout_s=60)
+            finally:
+                done.set()
+                thread.join(timeout=60)
+            assert [r.status_code for r in answers] == [200] * len(answers)
+            assert all(r.json()["choices"] == first.json()["choices"] for r in answers)
+            assert {r.headers["x-shardserve-cache"] for r in answers[killed_at + 1 :]} == {"miss"}
+            errors = [
+                line
+                for line in http.get("/metrics").text.splitlines()
+                if line.startswith("shardserve:result_cache_errors_total{")
+            ]
+            assert errors and float(errors[0].rsplit(" ", 1)[1]) >= 9
+
+            redis = start_redis_server(port)  # empty: the next answer fills it, the one after hits
+            wait_until(lambda: complete(http, body).headers["x-shardserve-cache"] == "hit", timeout_s=30, interval_s=0.2)
+    finally:
+        serve.delete("stopredis")
+        redis.kill()
+        redis.wait(timeout=10)
