@@ -55,9 +55,14 @@ def build_app(args: dict[str, Any]) -> Application:
     return bind_app(ShardserveArgs.model_validate(args or {}))
 
 
-def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None = None) -> Application:
-    """The application for a validated config. `llm_server_overrides` is for programmatic
-    callers (benchmarks, tests) that have no `deployments:` section, e.g. `ray_actor_options`."""
+def bind_app(
+    config: ShardserveArgs,
+    llm_server_overrides: dict[str, Any] | None = None,
+    version_overrides: dict[int, dict[str, Any]] | None = None,
+) -> Application:
+    """The application for a validated config. `llm_server_overrides` (every LLM server) and
+    `version_overrides` (one served version's) are for programmatic callers (benchmarks,
+    tests) that have no `deployments:` section, e.g. `ray_actor_options`."""
     options = {**llm_server_options(config), **(llm_server_overrides or {})}
     if "placement_group_bundles" in options and not config.parallel.allow_pending_placement:
         _check_placeable(options["placement_group_bundles"], options["placement_group_strategy"])
@@ -73,7 +78,9 @@ def bind_app(config: ShardserveArgs, llm_server_overrides: dict[str, Any] | None
         return ingress.bind(serve.deployment(LLMServer).options(**options).bind(config, hub), config, hub)
     versions = served_versions(config)
     llms = {
-        v: serve.deployment(LLMServer).options(**{**options, "name": "LLMServer" if v == versions[-1] else f"LLMServer-v{v}"})
+        v: serve.deployment(LLMServer).options(
+            **{**options, "name": "LLMServer" if v == versions[-1] else f"LLMServer-v{v}", **(version_overrides or {}).get(v, {})}
+        )
         .bind(config.for_version(v), hub)
         for v in versions
     }

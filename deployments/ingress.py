@@ -26,6 +26,7 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
+from deployments.assignment import AppDeployments, assigned
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -57,6 +58,7 @@ class Ingress:
         self._metrics = IngressMetrics(args.model_name)
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
+        self._app_deployments = AppDeployments()
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
         )
@@ -95,12 +97,13 @@ class Ingress:
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
                 with _overload_as_503():
-                    response = await self._llms[v].generate.remote(request)
+                    served, pending = await self._send(v, version is not None, request, stream=False)
+                    response = await pending
                 break
             except Overloaded as exc:
                 if not await self._retry_after_replica_failure(exc, attempt):
                     raise
-        if key is not None:
+        if key is not None and served == v:
             await cache.store(key, response)
         return response
 
@@ -120,7 +123,8 @@ class Ingress:
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
                 with _overload_as_503():
-                    async for chunk in self._llms[v].options(stream=True).generate_stream.remote(request):
+                    served, stream = await self._send(v, version is not None, request, stream=True)
+                    async for chunk in stream:
                         started = True
                         if recorder is not None:
                             recorder.add(chunk)
@@ -129,10 +133,26 @@ class Ingress:
             except Overloaded as exc:
                 if started or not await self._retry_after_replica_failure(exc, attempt):
                     raise
-        if key is not None and recorder is not None:
+        if key is not None and recorder is not None and served == v:
             response = recorder.response(self.model_name, with_logprobs=request.logprobs is not None)
             if response is not None:
                 await cache.store(key, response)
+
+    async def _send(self, v: int, pinned: bool, request: GenerateRequest, stream: bool) -> tuple[int, Any]:
+        """Send the request to version v's deployment once Serve assigns it a replica; returns
+        the version that took it and the (streaming) response. A request that named no version
+        and waited for one that a redeploy stopped serving goes to the newest version instead;
+        one that named it gets a 503 (a retry reaches the new config)."""
+        for target in dict.fromkeys([v] if pinned else [v, self.versions[-1]]):
+            handle = self._llms[target]
+            call = handle.options(stream=True).generate_stream if stream else handle.generate
+            response = call.remote(request)
+            if await assigned(response, handle.deployment_name, self._app_deployments):
+                return target, response
+            logger.warning("model version %d left the app while this request waited for it", target)  # Serve adds the id
+        raise Overloaded(
+            f"model version {v} stopped being served while the request waited", code="unavailable", retry_after_s=1.0
+        )
 
     async def _retry_after_replica_failure(self, exc: Overloaded, attempt: int) -> bool:
         """Whether to send the request again: only when its replica failed before producing

@@ -1,0 +1,62 @@
+"""Waiting for Serve to hand a call to a replica, but not for a deployment that is gone.
+
+Serve keeps a handle call queued while its deployment has no running replica (a replica being
+replaced, a scale-up), which is what we want. But when a redeploy removes the deployment (a
+model version the new config no longer serves), the calls already queued for it are not failed:
+they wait until the calling replica, itself being drained, is killed at the end of its grace
+period, and the client gets a 500 after that long. So the ingress waits for the assignment
+itself, checking every second that the deployment is still part of the app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+
+
+class AppDeployments:
+    """The names of the deployments in this replica's application, read from the controller
+    at most once per `max_age_s`, and only by callers that are waiting anyway."""
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        self._max_age_s = max_age_s
+        self._names: set[str] = set()
+        self._read_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def contains(self, name: str) -> bool:
+        async with self._lock:
+            if time.monotonic() - self._read_at > self._max_age_s:
+                app = serve.get_replica_context().app_name
+                status = await asyncio.to_thread(serve.status)
+                app_status = status.applications.get(app)
+                self._names = set(app_status.deployments) if app_status is not None else set()
+                self._read_at = time.monotonic()
+            return name in self._names
+
+
+async def assigned(response: Any, deployment: str, app: AppDeployments, check_every_s: float = 1.0) -> bool:
+    """Wait until Serve gives `response`'s call (a DeploymentResponse or a streaming one) to a
+    replica: True then; False, with the call cancelled, once `deployment` has left the app.
+    Serve's own refusals (a full queue, a failed deployment) are raised as they are."""
+    # Serve's private step behind every await of a response: it resolves when the call is
+    # assigned and caches the result, so awaiting or iterating the response afterwards works.
+    fetch = getattr(response, "_fetch_future_result_async", None)
+    if fetch is None:  # another Serve version: no watch, the call waits as Serve decides
+        return True
+    assignment = asyncio.ensure_future(fetch())
+    try:
+        while True:
+            done, _ = await asyncio.wait({assignment}, timeout=check_every_s)
+            if done:
+                assignment.result()
+                return True
+            if not await app.contains(deployment):
+                response.cancel()
+                return False
+    finally:
+        if not assignment.done():
+            assignment.cancel()
