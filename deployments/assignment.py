@@ -5,7 +5,7 @@ replaced, a scale-up), which is what we want. But when a redeploy removes the de
 model version the new config no longer serves), the calls already queued for it are not failed:
 they wait until the calling replica, itself being drained, is killed at the end of its grace
 period, and the client gets a 500 after that long. So the ingress waits for the assignment
-itself, checking every second that the deployment is still part of the app.
+itself, checking every two seconds that the deployment is still part of the app.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ import time
 from typing import Any
 
 from ray import serve
+from ray.serve.context import _get_global_client
 
 
 class AppDeployments:
     """The names of the deployments in this replica's application, read from the controller
-    at most once per `max_age_s`, and only by callers that are waiting anyway."""
+    at most once per `max_age_s`, and only by callers that are waiting anyway. It asks for this
+    one application's status: `serve.status()` builds the details of every application and
+    replica, which costs the controller and this process tens of milliseconds, and a queue of
+    waiting requests under overload would pay it every second."""
 
-    def __init__(self, max_age_s: float = 1.0) -> None:
+    def __init__(self, max_age_s: float = 2.0) -> None:
         self._max_age_s = max_age_s
         self._names: set[str] = set()
         self._read_at = float("-inf")
@@ -31,14 +35,14 @@ class AppDeployments:
         async with self._lock:
             if time.monotonic() - self._read_at > self._max_age_s:
                 app = serve.get_replica_context().app_name
-                status = await asyncio.to_thread(serve.status)
-                app_status = status.applications.get(app)
-                self._names = set(app_status.deployments) if app_status is not None else set()
+                client = _get_global_client()
+                status = await asyncio.to_thread(client.get_serve_status, app)
+                self._names = {d.name for d in status.deployment_statuses}
                 self._read_at = time.monotonic()
             return name in self._names
 
 
-async def assigned(response: Any, deployment: str, app: AppDeployments, check_every_s: float = 1.0) -> bool:
+async def assigned(response: Any, deployment: str, app: AppDeployments, check_every_s: float = 2.0) -> bool:
     """Wait until Serve gives `response`'s call (a DeploymentResponse or a streaming one) to a
     replica: True then; False, with the call cancelled, once `deployment` has left the app.
     Serve's own refusals (a full queue, a failed deployment) are raised as they are."""

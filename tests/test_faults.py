@@ -6,7 +6,7 @@ import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from .conftest import SLOW_MAX_TOKENS, wait_until
+from .conftest import SLOW_MAX_TOKENS, TEST_ARGS, wait_until
 
 
 def test_disconnect_mid_stream_stops_generation(slow_app, http) -> None:
@@ -43,57 +43,75 @@ def test_health_and_ready(http) -> None:
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
 
 
-async def test_overload_refuses_fast_and_accepted_requests_finish(server, engine_stats) -> None:
-    """80 concurrent long requests against 16 running + 16 waiting + 16 queued: the rest get 503.
+async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> None:
+    """40 concurrent requests against 4 running + 4 waiting + 4 queued: the others get 503.
 
-    Then, with the queues still full, requests arriving one by one are refused within 100 ms at
-    p99 (the burst itself is not timed: 80 connections opened at once queue in the proxy).
+    Then, with the queues still full and the burst's own refusals all back, requests arriving one
+    by one are refused within 100 ms at p99. The burst itself is not timed (40 connections opened
+    at once queue in the proxy, and a probe sent while they drain would time that queue). The
+    model is the 32M bench model, so that no accepted request finishes, freeing a place, while
+    the burst is still arriving on this machine's two cores.
     """
     import asyncio
     import time
 
     import httpx
+    from ray import serve
 
-    body = {"prompt": "Hello", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+    from deployments.app import build_app
+
+    engine = {"max_num_seqs": 4, "max_waiting_requests": 4}
+    capacity = engine["max_num_seqs"] + 2 * engine["max_waiting_requests"]  # Serve queues max_waiting more
+    args = {"model": "shardserve/bench-llama", "served_model_name": "overload", "limits": TEST_ARGS["limits"], "engine": engine}
+    serve.run(build_app(args), name="overload", route_prefix="/overload")
+    llm = serve.get_deployment_handle("LLMServer", app_name="overload")
+    # Uncached: the first answer would serve every later identical request from the cache.
+    body = {"prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "cache": False}
 
     async def one(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
         start = time.monotonic()
         res = await client.post("/v1/completions", json=body)
         return res.status_code, time.monotonic() - start, res
 
-    limits = httpx.Limits(max_connections=200)
-    async with httpx.AsyncClient(base_url=server, timeout=120, limits=limits) as client:
-        burst_start = time.monotonic()
-        burst = [asyncio.ensure_future(one(client)) for _ in range(80)]
-        deadline = time.monotonic() + 30
-        while not any(task.done() for task in burst):  # the first refusal: the queues are full
-            assert time.monotonic() < deadline, "no request of the burst came back"
-            await asyncio.sleep(0.005)
-        probes = []
-        for _ in range(100):  # then requests arriving every 10 ms, each timed on its own
-            probes.append(asyncio.ensure_future(one(client)))
-            await asyncio.sleep(0.01)
-        probes_sent = time.monotonic()
-        results = await asyncio.gather(*burst)
-        probed = await asyncio.gather(*probes)
-    codes = [code for code, _, _ in results]
-    assert set(codes) <= {200, 503}, codes
-    refused = [(t, r) for code, t, r in results if code == 503]
-    accepted = [r for code, _, r in results if code == 200]
-    assert refused, "nothing was refused: the queues are not bounded"
-    assert len(accepted) >= 32
-    for _, res in refused + [(t, r) for _, t, r in probed]:
-        assert res.headers["retry-after"] == "1"
-        assert res.json()["error"]["type"] == "overloaded_error"
-    assert max(t for t, _ in refused) < min(t for code, t, _ in results if code == 200)  # refused before any finished
-    first_finish = min(t for code, t, _ in results if code == 200)
-    print(f"probes sent {probes_sent - burst_start:.2f} s into the burst, first 200 at {first_finish:.2f} s")
-    assert [code for code, _, _ in probed] == [503] * 100
-    refusal_s = sorted(t for _, t, _ in probed)
-    print(f"refusals one by one: p50 {refusal_s[50] * 1000:.1f} ms, p99 {refusal_s[98] * 1000:.1f} ms")
-    assert refusal_s[98] < 0.1, refusal_s
-    assert all(r.json()["usage"]["completion_tokens"] == 600 for r in accepted)
-    assert (await asyncio.to_thread(engine_stats)).num_running == 0
+    try:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=f"{server}/overload", timeout=120, limits=limits) as client:
+            burst_start = time.monotonic()
+            burst = [asyncio.ensure_future(one(client)) for _ in range(40)]
+            deadline, done, changed = time.monotonic() + 30, 0, time.monotonic()
+            while not done or time.monotonic() - changed < 0.3:  # the burst's refusals are back: none for 0.3 s
+                assert time.monotonic() < deadline, "the burst did not settle"
+                if sum(task.done() for task in burst) != done:
+                    done, changed = sum(task.done() for task in burst), time.monotonic()
+                await asyncio.sleep(0.005)
+            probes = []
+            for _ in range(100):  # then requests arriving every 10 ms, each timed on its own
+                probes.append(asyncio.ensure_future(one(client)))
+                await asyncio.sleep(0.01)
+            probes_sent = time.monotonic()
+            results = await asyncio.gather(*burst)
+            probed = await asyncio.gather(*probes)
+        codes = [code for code, _, _ in results]
+        assert set(codes) == {200, 503}, codes
+        refused = [(t, r) for code, t, r in results if code == 503]
+        accepted = [r for code, _, r in results if code == 200]
+        # Bounded, to within a few requests in transit between Serve's queue and the engine (13-14 seen for 12).
+        assert capacity - 2 <= len(accepted) <= capacity + 4, codes
+        for _, res in refused + [(t, r) for _, t, r in probed]:
+            assert res.headers.get("retry-after") == "1", (res.status_code, res.text)
+            assert res.json()["error"]["type"] == "overloaded_error"
+        first_finish = min(t for code, t, _ in results if code == 200)
+        assert max(t for t, _ in refused) < first_finish  # refused before any finished
+        sent = probes_sent - burst_start
+        print(f"{len(accepted)} accepted; probes sent {sent:.2f} s into the burst, first 200 at {first_finish:.2f} s")
+        assert [code for code, _, _ in probed] == [503] * 100
+        refusal_s = sorted(t for _, t, _ in probed)
+        print(f"refusals one by one: p50 {refusal_s[50] * 1000:.1f} ms, p99 {refusal_s[98] * 1000:.1f} ms")
+        assert refusal_s[98] < 0.1, refusal_s
+        assert all(r.json()["usage"]["completion_tokens"] == 200 for r in accepted)
+        assert (await llm.engine_stats.remote()).num_running == 0
+    finally:
+        serve.delete("overload")
 
 
 def test_request_timeout_is_504_and_frees_the_engine(server) -> None:
@@ -103,8 +121,6 @@ def test_request_timeout_is_504_and_frees_the_engine(server) -> None:
     from ray import serve
 
     from deployments.app import build_app
-
-    from .conftest import TEST_ARGS, wait_until
 
     args = {**TEST_ARGS, "engine": {**TEST_ARGS["engine"], "request_timeout_s": 0.3}}
     serve.run(build_app(args), name="timeout", route_prefix="/timeout")
