@@ -73,6 +73,10 @@ def bind_app(
         name="Ingress",
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
+        # A redeploy replaces the ingress too: its streams last as long as the LLM server's
+        # (Serve's default of 20 s cut longer generations in the middle of a rollout).
+        graceful_shutdown_wait_loop_s=1,
+        graceful_shutdown_timeout_s=options["graceful_shutdown_timeout_s"],
     )
     if config.repository is None:
         return ingress.bind(serve.deployment(LLMServer).options(**options).bind(config, hub), config, hub)

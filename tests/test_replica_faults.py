@@ -25,6 +25,9 @@ from .conftest import TEST_ARGS, wait_until
 APP = "pair"
 ARGS = {**TEST_ARGS, "served_model_name": "pair", "routing": "power_of_two", "cache": {"enabled": False}}
 FAST_HEALTH = {"health_check_period_s": 1, "health_check_timeout_s": 5}
+# The drain tests need streams still running on both replicas when their pushed metrics are read
+# (every 2 s): the tiny model finishes 900 tokens in ~3 s here, the 32M bench model takes ~10 s.
+DRAIN_ARGS = {**ARGS, "model": "shardserve/bench-llama"}
 
 
 def replica_pids() -> dict[str, int]:
@@ -35,9 +38,9 @@ def replica_pids() -> dict[str, int]:
     }
 
 
-def deploy(num_replicas: int, **overrides: object) -> None:
+def deploy(num_replicas: int, args: dict = ARGS, **overrides: object) -> None:
     options = {"num_replicas": num_replicas, **FAST_HEALTH, **overrides}
-    serve.run(bind_app(ShardserveArgs.model_validate(ARGS), options), name=APP, route_prefix=f"/{APP}")
+    serve.run(bind_app(ShardserveArgs.model_validate(args), options), name=APP, route_prefix=f"/{APP}")
     wait_until(lambda: len(replica_pids()) == num_replicas, timeout_s=60)
 
 
@@ -124,20 +127,24 @@ def start_streams(base: str, max_tokens: int) -> tuple[list, list[threading.Thre
     return results, threads
 
 
-def test_downscale_2_to_1_lets_in_flight_streams_finish(pair: str) -> None:
-    results, threads = start_streams(pair, max_tokens=700)
-    deploy(1)  # the drained replica finishes its streams first (graceful_shutdown_timeout_s)
-    for t in threads:
-        t.join(timeout=120)
-    assert sorted(results, key=str) == [(700, None)] * 5
+def test_downscale_2_to_1_lets_in_flight_streams_finish(server: str) -> None:
+    deploy(2, DRAIN_ARGS)
+    try:
+        results, threads = start_streams(f"{server}/{APP}", max_tokens=700)
+        deploy(1, DRAIN_ARGS)  # the drained replica finishes its streams first (graceful_shutdown_timeout_s)
+        for t in threads:
+            t.join(timeout=120)
+        assert sorted(results, key=str) == [(700, None)] * 5
+    finally:
+        serve.delete(APP)
 
 
 def test_downscale_with_a_1s_shutdown_timeout_ends_streams_cleanly(server: str) -> None:
-    deploy(2, graceful_shutdown_timeout_s=1)
+    deploy(2, DRAIN_ARGS, graceful_shutdown_timeout_s=1)
     try:
         base = f"{server}/{APP}"
         results, threads = start_streams(base, max_tokens=900)
-        deploy(1, graceful_shutdown_timeout_s=1)
+        deploy(1, DRAIN_ARGS, graceful_shutdown_timeout_s=1)
         for t in threads:
             t.join(timeout=60)
         assert not any(t.is_alive() for t in threads), "a stream hung"
