@@ -31,7 +31,10 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": "LLMServer",
         "max_ongoing_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
-        "max_queued_requests": args.engine.max_waiting_requests,
+        # Serve counts a request still waiting for its routing decision as queued, so a burst
+        # the replica could take (max_ongoing_requests) must fit in the queue, or part of it is
+        # refused while the replica is idle (seen: 20 streams at a cold app, one 503).
+        "max_queued_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         # A replica being drained (downscale, redeploy) finishes its in-flight generations

