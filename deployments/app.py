@@ -28,13 +28,14 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     queue. When every replica is that full, Serve's router holds at most `max_waiting_requests`
     more per caller and refuses the rest at once (503), so no queue anywhere is unbounded.
     """
+    replica_capacity = args.engine.max_num_seqs + args.engine.max_waiting_requests
     options: dict[str, Any] = {
         "name": "LLMServer",
-        "max_ongoing_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
+        "max_ongoing_requests": replica_capacity,
         # Serve counts a request still waiting for its routing decision as queued, so a burst
-        # the replica could take (max_ongoing_requests) must fit in the queue, or part of it is
-        # refused while the replica is idle (seen: 20 streams at a cold app, one 503).
-        "max_queued_requests": args.engine.max_num_seqs + args.engine.max_waiting_requests,
+        # the replica could take must fit in the queue, or part of it is refused while the
+        # replica is idle (seen: 20 streams at a cold app, one 503).
+        "max_queued_requests": replica_capacity,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         # A replica being drained (downscale, redeploy) finishes its in-flight generations

@@ -93,6 +93,17 @@ def prune_mlp_neurons(model: nn.Module, ratio: float) -> int:
     return keep
 
 
+def quantize_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Int8 values of `weight` at a per-output-channel `scale` (symmetric, round to nearest)."""
+    return torch.round(weight.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float weight an int8 layer computes with; loaders that dequantize use it too, so a
+    sharded int8 model computes exactly what `Int8Linear` does."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights and a float scale per output channel (weight-only
     quantization: 4x less weight memory than float32; activations stay in float)."""
@@ -107,12 +118,10 @@ class Int8Linear(nn.Module):
     @staticmethod
     def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (weight.abs().amax(dim=1).float() / 127.0).clamp(min=1e-12)
-        q = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return q, scale
+        return quantize_rows(weight, scale), scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
-        return nn.functional.linear(x, weight, self.bias)
+        return nn.functional.linear(x, dequantize(self.weight, self.weight_scale, x.dtype), self.bias)
 
 
 def install_int8_linears(model: nn.Module, names: list[str]) -> None:

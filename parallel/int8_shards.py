@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from parallel.compression import dequantize, quantize_rows
 from parallel.loading import ModelLoadError
 
 
@@ -29,12 +30,7 @@ class _Dequantize(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
-        return q.to(self.scale.dtype) * self.scale[:, None]
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float weight an int8 layer computes with (the same arithmetic as `Int8Linear`)."""
-    return q.to(dtype) * scale.to(dtype)[:, None]
+        return dequantize(q, self.scale, self.scale.dtype)
 
 
 def requantize_shards(model: nn.Module, scales: dict[str, torch.Tensor], group: dist.ProcessGroup | None) -> None:
@@ -56,7 +52,7 @@ def requantize_shards(model: nn.Module, scales: dict[str, torch.Tensor], group: 
         weight = module.weight.detach()
         full = scales[name]
         scale = full if n_rows == full.numel() else full[offset : offset + n_rows]
-        q = torch.round(weight.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        q = quantize_rows(weight, scale)
         if scale.numel() != n_rows or not torch.equal(dequantize(q, scale, weight.dtype), weight):
             raise ModelLoadError(
                 f"the int8 shard of {name} ({tuple(weight.shape)}) does not reproduce its checkpoint "

@@ -19,8 +19,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.compression import QUANT_KEY
-from parallel.int8_shards import dequantize
+from parallel.compression import QUANT_KEY, dequantize
 from parallel.loading import ModelLoadError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
