@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -61,6 +63,22 @@ async def assigned(response: Any, deployment: str, app: AppDeployments, check_ev
             if not await app.contains(deployment):
                 response.cancel()
                 return False
+    except asyncio.CancelledError:  # the caller left (a client that disconnected)
+        response.cancel()
+        raise
     finally:
         if not assignment.done():
             assignment.cancel()
+
+
+@contextmanager
+def cancelled_unless_finished(response: Any) -> Iterator[None]:
+    """Cancel the downstream call when the block using it ends early: a client that disconnects
+    cancels the ingress's request, and Serve is meant to cancel the calls that request made too,
+    but a streamed generation was once seen running on to max_tokens after its client had left
+    (CI). Cancelling it here does not depend on that propagation; a finished call is left alone."""
+    try:
+        yield
+    except BaseException:
+        response.cancel()
+        raise

@@ -26,7 +26,7 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, assigned
+from deployments.assignment import AppDeployments, assigned, cancelled_unless_finished
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -124,11 +124,12 @@ class Ingress:
             try:
                 with _overload_as_503():
                     served, stream = await self._send(v, version is not None, request, stream=True)
-                    async for chunk in stream:
-                        started = True
-                        if recorder is not None:
-                            recorder.add(chunk)
-                        yield chunk
+                    with cancelled_unless_finished(stream):
+                        async for chunk in stream:
+                            started = True
+                            if recorder is not None:
+                                recorder.add(chunk)
+                            yield chunk
                 break
             except Overloaded as exc:
                 if started or not await self._retry_after_replica_failure(exc, attempt):
