@@ -32,6 +32,11 @@ class EngineConfig(StrictModel):
     max_waiting_requests: int = Field(default=128, ge=0)
     """Bounded queue of sequences waiting for a batch slot; beyond it requests get 503 at once."""
 
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one replica holds at once: those it runs and those it queues."""
+        return self.max_num_seqs + self.max_waiting_requests
+
     max_num_batched_tokens: int = Field(default=512, ge=1)
     """Token budget of one step. Long prompts are prefilled in chunks of at most this many
     tokens, so that running decodes keep going while a long prompt is read."""

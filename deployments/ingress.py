@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, assigned, cancelled_unless_finished
+from deployments.assignment import AppDeployments, OutstandingCalls, assigned, cancelled_unless_finished
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -59,6 +60,7 @@ class Ingress:
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
         self._app_deployments = AppDeployments()
+        self._outstanding = OutstandingCalls(args.engine.replica_capacity)
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
         )
@@ -96,7 +98,7 @@ class Ingress:
             return hit
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503():
+                with _overload_as_503(), self._outstanding.counted():
                     served, pending = await self._send(v, version is not None, request, stream=False)
                     response = await pending
                 break
@@ -122,7 +124,7 @@ class Ingress:
         started = False
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503():
+                with _overload_as_503(), self._outstanding.counted():
                     served, stream = await self._send(v, version is not None, request, stream=True)
                     with cancelled_unless_finished(stream):
                         async for chunk in stream:
@@ -147,8 +149,17 @@ class Ingress:
         for target in dict.fromkeys([v] if pinned else [v, self.versions[-1]]):
             handle = self._llms[target]
             call = handle.options(stream=True).generate_stream if stream else handle.generate
-            response = call.remote(request)
-            if await assigned(response, handle.deployment_name, self._app_deployments):
+            first_sent_at = time.monotonic()
+            while True:
+                response = call.remote(request)
+                try:
+                    placed = await assigned(response, handle.deployment_name, self._app_deployments)
+                    break
+                except BackPressureError:
+                    if not self._outstanding.routing_lag(first_sent_at):
+                        raise
+                    await asyncio.sleep(self._outstanding.interval_s)
+            if placed:
                 return target, response
             logger.warning("model version %d left the app while this request waited for it", target)  # Serve adds the id
         raise Overloaded(

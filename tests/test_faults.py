@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,7 @@ def test_health_and_ready(http) -> None:
 
 
 async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> None:
-    """40 concurrent requests against 4 running + 4 waiting + 8 in Serve's queue: the others get 503.
+    """40 concurrent requests against 4 running + 4 waiting + 4 in Serve's queue: the others get 503.
 
     Then, with the queues still full and the burst's own refusals all back, requests arriving one
     by one are refused within 100 ms at p99. The burst itself is not timed (40 connections opened
@@ -52,7 +53,6 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
     model is the 32M bench model, so that no accepted request finishes, freeing a place, while
     the burst is still arriving on this machine's two cores.
     """
-    import asyncio
     import time
 
     import httpx
@@ -61,7 +61,7 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
     from deployments.app import build_app
 
     engine = {"max_num_seqs": 4, "max_waiting_requests": 4}
-    capacity = 2 * (engine["max_num_seqs"] + engine["max_waiting_requests"])  # as many again in Serve's queue
+    capacity = engine["max_num_seqs"] + 2 * engine["max_waiting_requests"]  # waiting in the engine and in Serve
     args = {"model": "shardserve/bench-llama", "served_model_name": "overload", "limits": TEST_ARGS["limits"], "engine": engine}
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     llm = serve.get_deployment_handle("LLMServer", app_name="overload")
@@ -113,6 +113,28 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
         assert (await llm.engine_stats.remote()).num_running == 0
     finally:
         serve.delete("overload")
+
+
+async def test_a_burst_the_replica_can_take_is_not_refused_by_serves_short_queue(server) -> None:
+    """Serve counts every request awaiting its routing decision against `max_queued_requests`
+    (here 2), so 24 arriving at once would be partly refused by a replica that takes 26; the
+    ingress sends such refusals again while it has fewer calls out than the replica takes."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    engine = {**TEST_ARGS["engine"], "max_num_seqs": 24, "max_waiting_requests": 2}
+    args = {**TEST_ARGS, "served_model_name": "burst", "engine": engine}
+    serve.run(build_app(args), name="burst", route_prefix="/burst")
+    body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0, "ignore_eos": True, "cache": False}
+    try:
+        async with httpx.AsyncClient(base_url=f"{server}/burst", timeout=60, limits=httpx.Limits(max_connections=40)) as client:
+            responses = await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(24)))
+        assert [r.status_code for r in responses] == [200] * 24, [r.text for r in responses if r.status_code != 200][:1]
+        assert len({r.json()["choices"][0]["text"] for r in responses}) == 1
+    finally:
+        serve.delete("burst")
 
 
 def test_request_timeout_is_504_and_frees_the_engine(server) -> None:
