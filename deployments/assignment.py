@@ -84,15 +84,15 @@ def cancelled_unless_finished(response: Any) -> Iterator[None]:
         raise
 
 
-class OutstandingCalls:
-    """The calls this ingress has out to the model replicas, to tell Serve's routing lag from
-    overload. Serve's queue bound (`max_queued_requests`) counts every request still awaiting
-    its routing decision, so a burst arriving at once (a cold router probing replica queue
-    lengths) can be refused while the replica is idle: seen, 20 streams against a replica that
-    takes 32, one 503. The queue is kept short on purpose (a longer one holds admitted requests
-    for batch times: at twice the sustainable rate, 22% of peak goodput instead of 92%), so a
-    refusal that comes while this ingress has fewer calls out than one replica takes is sent
-    again, for at most `window_s`; a refusal under real overload is returned at once."""
+class PlacedCalls:
+    """The calls this ingress has placed on model replicas and not yet finished, to tell
+    Serve's routing lag from overload. Serve's queue bound (`max_queued_requests`) counts every
+    request still awaiting its routing decision, so a burst arriving at once (a router probing
+    replica queue lengths) can be refused while the replica has room: seen, 20 streams against
+    a replica that takes 32, one 503. The queue is kept short on purpose (a request held there
+    waits batch times before the engine sees it), so a refusal that comes while fewer calls are
+    placed than one replica takes is sent again, for at most `window_s`; a refusal with the
+    replica full is returned at once."""
 
     def __init__(self, replica_capacity: int, window_s: float = 0.25, interval_s: float = 0.01) -> None:
         self.count = 0
@@ -101,7 +101,8 @@ class OutstandingCalls:
         self.interval_s = interval_s
 
     @contextmanager
-    def counted(self) -> Iterator[None]:
+    def held(self) -> Iterator[None]:
+        """Around the use of a call Serve has assigned to a replica."""
         self.count += 1
         try:
             yield
@@ -110,4 +111,4 @@ class OutstandingCalls:
 
     def routing_lag(self, first_sent_at: float) -> bool:
         """Whether a queue-full refusal is worth sending again."""
-        return self.count <= self._capacity and time.monotonic() - first_sent_at < self._window_s
+        return self.count < self._capacity and time.monotonic() - first_sent_at < self._window_s

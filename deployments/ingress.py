@@ -27,7 +27,7 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, OutstandingCalls, assigned, cancelled_unless_finished
+from deployments.assignment import AppDeployments, PlacedCalls, assigned, cancelled_unless_finished
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -60,7 +60,7 @@ class Ingress:
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
         self._app_deployments = AppDeployments()
-        self._outstanding = OutstandingCalls(args.engine.replica_capacity)
+        self._placed = PlacedCalls(args.engine.replica_capacity)
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
         )
@@ -98,9 +98,10 @@ class Ingress:
             return hit
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503(), self._outstanding.counted():
+                with _overload_as_503():
                     served, pending = await self._send(v, version is not None, request, stream=False)
-                    response = await pending
+                    with self._placed.held():
+                        response = await pending
                 break
             except Overloaded as exc:
                 if not await self._retry_after_replica_failure(exc, attempt):
@@ -124,9 +125,9 @@ class Ingress:
         started = False
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503(), self._outstanding.counted():
+                with _overload_as_503():
                     served, stream = await self._send(v, version is not None, request, stream=True)
-                    with cancelled_unless_finished(stream):
+                    with self._placed.held(), cancelled_unless_finished(stream):
                         async for chunk in stream:
                             started = True
                             if recorder is not None:
@@ -156,9 +157,9 @@ class Ingress:
                     placed = await assigned(response, handle.deployment_name, self._app_deployments)
                     break
                 except BackPressureError:
-                    if not self._outstanding.routing_lag(first_sent_at):
+                    if not self._placed.routing_lag(first_sent_at):
                         raise
-                    await asyncio.sleep(self._outstanding.interval_s)
+                    await asyncio.sleep(self._placed.interval_s)
             if placed:
                 return target, response
             logger.warning("model version %d left the app while this request waited for it", target)  # Serve adds the id

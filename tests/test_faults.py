@@ -45,7 +45,7 @@ def test_health_and_ready(http) -> None:
 
 
 async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> None:
-    """40 concurrent requests against 4 running + 4 waiting + 4 in Serve's queue: the others get 503.
+    """40 concurrent requests against 4 running + 4 waiting + 1 in Serve's queue: the others get 503.
 
     Then, with the queues still full and the burst's own refusals all back, requests arriving one
     by one are refused within 100 ms at p99. The burst itself is not timed (40 connections opened
@@ -58,11 +58,12 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
     import httpx
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import build_app, router_queue_size
+    from deployments.config import ShardserveArgs
 
     engine = {"max_num_seqs": 4, "max_waiting_requests": 4}
-    capacity = engine["max_num_seqs"] + 2 * engine["max_waiting_requests"]  # waiting in the engine and in Serve
     args = {"model": "shardserve/bench-llama", "served_model_name": "overload", "limits": TEST_ARGS["limits"], "engine": engine}
+    capacity = engine["max_num_seqs"] + engine["max_waiting_requests"] + router_queue_size(ShardserveArgs.model_validate(args))
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     llm = serve.get_deployment_handle("LLMServer", app_name="overload")
     # Uncached: the first answer would serve every later identical request from the cache.
