@@ -21,11 +21,6 @@ from parallel.model_repository import select_versions
 from parallel.placement import replica_bundles, unplaceable_reason
 
 
-def router_queue_size(args: ShardserveArgs) -> int:
-    """How many requests Serve's router may hold per caller when every replica is full."""
-    return max(1, args.engine.max_num_seqs // 4)
-
-
 def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     """Replica options computed from the config, in one place.
 
@@ -33,7 +28,7 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     queue; the engine's queue (`max_waiting_requests`) is where a request waits for a batch slot.
     Serve's own queue in front of the replicas only refills it: a running sequence that finishes
     is replaced from the engine's queue at once, so Serve needs to hold no more than the few
-    requests a step frees, a quarter of a batch. Every request held there waits batch times
+    requests a step frees. Every request held there waits batch times
     before the engine sees it: with a queue as long as the replica's capacity, goodput at twice
     the sustainable rate fell to 22% of peak (bench/overload.py). Beyond it Serve refuses at
     once (503), so no queue anywhere is unbounded; a burst refused by it while the replicas
@@ -42,7 +37,7 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": "LLMServer",
         "max_ongoing_requests": args.engine.replica_capacity,
-        "max_queued_requests": router_queue_size(args),
+        "max_queued_requests": args.engine.router_queue_size,
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
         # A replica being drained (downscale, redeploy) finishes its in-flight generations

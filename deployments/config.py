@@ -37,6 +37,12 @@ class EngineConfig(StrictModel):
         """Requests one replica holds at once: those it runs and those it queues."""
         return self.max_num_seqs + self.max_waiting_requests
 
+    @property
+    def router_queue_size(self) -> int:
+        """Requests Serve's router may hold per caller when every replica is full. Only enough
+        to refill the engine's queue as sequences finish (a few per step): a quarter batch."""
+        return max(1, self.max_num_seqs // 4)
+
     max_num_batched_tokens: int = Field(default=512, ge=1)
     """Token budget of one step. Long prompts are prefilled in chunks of at most this many
     tokens, so that running decodes keep going while a long prompt is read."""

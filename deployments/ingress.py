@@ -60,7 +60,7 @@ class Ingress:
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
         self._app_deployments = AppDeployments()
-        self._placed = PlacedCalls(args.engine.replica_capacity)
+        self._placed = PlacedCalls(args.engine.replica_capacity, args.engine.router_queue_size)
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
         )

@@ -58,12 +58,12 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
     import httpx
     from ray import serve
 
-    from deployments.app import build_app, router_queue_size
+    from deployments.app import build_app
     from deployments.config import ShardserveArgs
 
     engine = {"max_num_seqs": 4, "max_waiting_requests": 4}
     args = {"model": "shardserve/bench-llama", "served_model_name": "overload", "limits": TEST_ARGS["limits"], "engine": engine}
-    capacity = engine["max_num_seqs"] + engine["max_waiting_requests"] + router_queue_size(ShardserveArgs.model_validate(args))
+    capacity = (config := ShardserveArgs.model_validate(args).engine).replica_capacity + config.router_queue_size
     serve.run(build_app(args), name="overload", route_prefix="/overload")
     llm = serve.get_deployment_handle("LLMServer", app_name="overload")
     # Uncached: the first answer would serve every later identical request from the cache.
@@ -118,8 +118,8 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
 
 async def test_a_burst_the_replica_can_take_is_not_refused_by_serves_short_queue(server) -> None:
     """Serve counts every request awaiting its routing decision against `max_queued_requests`
-    (here 2), so 24 arriving at once would be partly refused by a replica that takes 26; the
-    ingress sends such refusals again while it has fewer calls out than the replica takes."""
+    (here 6), so 24 arriving at once would be partly refused by a replica that takes 26; the
+    ingress sends such refusals again while the replica has more free places than that queue."""
     import httpx
     from ray import serve
 
