@@ -1,6 +1,6 @@
 """Overload benchmark: open-loop arrivals at the sustainable rate and at twice it.
 
-    python -m bench.overload           # about 11 minutes on 2 CPU cores
+    python -m bench.overload           # about 12-16 minutes on 2 CPU cores
     python -m bench.overload --quick   # a smoke run
 
 For each system: a closed loop at saturation measures the sustainable rate R (completed
@@ -10,9 +10,10 @@ Goodput counts requests that completed correctly (exactly max_tokens tokens) wit
 second of the window plus its drain; its peak is the best of the closed loop, 1x and 2x. The SLO
 is one for every system, by default 4x shardserve's e2e p50 in its closed loop on this machine
 (so it scales with the machine): a full shardserve holds as many requests waiting as running,
-twice (engine and Serve queue), so an admitted request may wait two batch times and run one,
-3x; the fourth is margin for bursts of arrivals. shardserve bounds its queues (16 running, 16 waiting, 16
-queued in Serve) and refuses the rest with 503 and Retry-After; `@serve.batch` over HF
+plus a quarter batch in Serve's queue, so an admitted request may wait about one and a quarter
+batch times and run one; the rest is margin for bursts of arrivals and for the CPU the refused
+traffic takes from the model on a small machine. shardserve bounds its queues (16 running, 16
+waiting, 4 queued in Serve) and refuses the rest with 503 and Retry-After; `@serve.batch` over HF
 `generate` (the baseline, same Ray Serve, same model) queues everything, so under sustained
 overload its queue and latency grow until requests miss the SLO.
 Writes bench/results/overload.{json,md}.
