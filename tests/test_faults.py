@@ -96,9 +96,9 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
         assert set(codes) == {200, 503}, codes
         refused = [(t, r) for code, t, r in results if code == 503]
         accepted = [r for code, _, r in results if code == 200]
-        # Bounded, though not to the request: Serve admits a few more than its queue while
-        # routing decisions are in flight (13-14 seen for 12 and 18-22 for 16 on this VM).
-        assert capacity - 2 <= len(accepted) <= 1.5 * capacity, codes
+        # Bounded, though not to the request: Serve admits one more than its queue now and then
+        # while routing decisions are in flight (9-10 seen for 9 on this VM).
+        assert capacity <= len(accepted) <= capacity + 2, codes
         for _, res in refused + [(t, r) for _, t, r in probed]:
             assert res.headers.get("retry-after") == "1", (res.status_code, res.text)
             assert res.json()["error"]["type"] == "overloaded_error"
