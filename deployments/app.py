@@ -28,11 +28,11 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     queue; the engine's queue (`max_waiting_requests`) is where a request waits for a batch slot.
     Serve's own queue in front of the replicas only refills it: a running sequence that finishes
     is replaced from the engine's queue at once, so Serve needs to hold no more than the few
-    requests a step frees. Every request held there waits batch times
-    before the engine sees it: with a queue as long as the replica's capacity, goodput at twice
-    the sustainable rate fell to 22% of peak (bench/overload.py). Beyond it Serve refuses at
-    once (503), so no queue anywhere is unbounded; a burst refused by it while the replicas
-    have room is sent again by the ingress (`PlacedCalls`).
+    requests a step frees. Every request held there waits batch times before the engine sees
+    it: with a queue as long as the replica's capacity, goodput at twice the sustainable rate
+    fell to 22% of peak (bench/overload.py). Beyond it Serve refuses at once (503), so no queue
+    anywhere is unbounded; a burst refused by it while the replicas have room is sent again by
+    the ingress (`PlacedCalls`).
     """
     options: dict[str, Any] = {
         "name": "LLMServer",

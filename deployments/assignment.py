@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
 from ray.serve.context import _get_global_client
+from ray.serve.exceptions import BackPressureError
 
 
 class AppDeployments:
@@ -99,7 +100,20 @@ class PlacedCalls:
         self.count = 0
         self._free_needed = replica_capacity - queue_size
         self._window_s = window_s
-        self.interval_s = interval_s
+        self._interval_s = interval_s
+
+    async def place(self, send: Callable[[Any], Any], request: Any, deployment: str, app: AppDeployments) -> tuple[bool, Any]:
+        """`send(request)` and wait for it as `assigned` does: (whether it was placed, the
+        response). A queue-full refusal that is routing lag is sent again."""
+        first_sent_at = time.monotonic()
+        while True:
+            response = send(request)
+            try:
+                return await assigned(response, deployment, app), response
+            except BackPressureError:
+                if not self._routing_lag(first_sent_at):
+                    raise
+                await asyncio.sleep(self._interval_s)
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -110,6 +124,5 @@ class PlacedCalls:
         finally:
             self.count -= 1
 
-    def routing_lag(self, first_sent_at: float) -> bool:
-        """Whether a queue-full refusal is worth sending again."""
+    def _routing_lag(self, first_sent_at: float) -> bool:
         return self.count < self._free_needed and time.monotonic() - first_sent_at < self._window_s

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,7 +26,7 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, PlacedCalls, assigned, cancelled_unless_finished
+from deployments.assignment import AppDeployments, PlacedCalls, cancelled_unless_finished
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded
@@ -150,16 +149,7 @@ class Ingress:
         for target in dict.fromkeys([v] if pinned else [v, self.versions[-1]]):
             handle = self._llms[target]
             call = handle.options(stream=True).generate_stream if stream else handle.generate
-            first_sent_at = time.monotonic()
-            while True:
-                response = call.remote(request)
-                try:
-                    placed = await assigned(response, handle.deployment_name, self._app_deployments)
-                    break
-                except BackPressureError:
-                    if not self._placed.routing_lag(first_sent_at):
-                        raise
-                    await asyncio.sleep(self._placed.interval_s)
+            placed, response = await self._placed.place(call.remote, request, handle.deployment_name, self._app_deployments)
             if placed:
                 return target, response
             logger.warning("model version %d left the app while this request waited for it", target)  # Serve adds the id
