@@ -108,6 +108,18 @@ def test_overload_summary_and_report() -> None:
     assert "| 0.25 req/s | 50% |" in text and "shardserve / @serve.batch: 2.00x" in text
 
 
+def test_refusal_cost_report() -> None:
+    from bench import refusal_cost
+
+    phase = {"rate": 33.0, "probes": 100, "refused": 100, "other": 0, "p50_ms": 15.0, "p99_ms": 30.0,
+             "cpu_ms": {"proxy": 5.0, "ingress": 5.0, "client": 2.5}}  # fmt: skip
+    report = {"model": "m", "quick": True, "started": "now", "engine": refusal_cost.ENGINE,
+              "shardserve": [phase], "minimal": [{**phase, "cpu_ms": {"proxy": 5.0, "ingress": 2.5, "client": 2.5}}]}  # fmt: skip
+    text = refusal_cost.render(report)
+    assert "| shardserve | 33 | 100 / 100 | 15 / 30 ms | 5.0 / 5.0 / 2.5 | 100 |" in text
+    assert "| 5.0 / 2.5 / 2.5 | 133 |" in text and "shardserve / minimal FastAPI ingress: 2.00x" in text
+
+
 def test_chaos_report() -> None:
     from bench import chaos
 
