@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from bench.serving import RESULTS, free_port, log, publish
+from bench.serving import RESULTS, each_system, log, publish
 from bench.workload import percentile
 
 SYSTEMS = {"shardserve": "shardserve (bounded queues)", "serve_batch": "@serve.batch + generate (unbounded)"}
@@ -221,8 +221,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "overload.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-    from ray import serve
     from transformers import AutoTokenizer
 
     from bench import workload
@@ -240,21 +238,10 @@ def main() -> None:
     }
     prompts = [r.prompt for r in workload.mixed_workload(tokenizer, 64, seed=11, prompt_range=(32, 64))]
     report: dict[str, Any] = {"model": args.model, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M"), **shape}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        for system in args.systems:
-            log(f"starting {SYSTEMS[system]}")
-            url, name, stream = start_system(system, args.model, model_dir, f"http://127.0.0.1:{port}")
-            try:
-                report[system] = measure(system, url, name, stream, prompts, shape)
-                report["slo_s"] = shape["slo_s"]
-            finally:
-                serve.delete(system)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    for system, base in each_system({system: SYSTEMS[system] for system in args.systems}):
+        url, name, stream = start_system(system, args.model, model_dir, base)
+        report[system] = measure(system, url, name, stream, prompts, shape)
+        report["slo_s"] = shape["slo_s"]
     publish(args.out, report, render(report))
 
 

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from bench.serving import RESULTS, free_port, log, publish
+from bench.serving import RESULTS, each_system, log, publish
 from bench.workload import percentile
 
 SYSTEMS = {"shardserve": "shardserve", "minimal": "minimal FastAPI ingress over Serve"}
@@ -178,8 +178,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "refusal_cost.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import ray
-
     probes = 30 if args.quick else 100
     report: dict[str, Any] = {
         "model": args.model,
@@ -187,22 +185,9 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M"),
         "engine": ENGINE,
     }
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for system in SYSTEMS:
-            log(f"starting {SYSTEMS[system]}")
-            url, model_deployment = start_system(system, args.model, base)
-            try:
-                roles = path_processes(system, model_deployment)
-                report[system] = asyncio.run(measure(url, roles, args.rates, probes))
-            finally:
-                serve.delete(system)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    for system, base in each_system(SYSTEMS):
+        url, model_deployment = start_system(system, args.model, base)
+        report[system] = asyncio.run(measure(url, path_processes(system, model_deployment), args.rates, probes))
     publish(args.out, report, render(report))
 
 

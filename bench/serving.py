@@ -22,6 +22,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,28 @@ def free_port() -> int:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def each_system(systems: dict[str, str], num_cpus: int = 4) -> Iterator[tuple[str, str]]:
+    """(system, Serve's base URL) for each system, in a local Ray with Serve on loopback: the
+    caller deploys the system as an app of that name, which is deleted before the next one, and
+    Ray is shut down after the last, also when a measurement fails."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        for system, label in systems.items():
+            log(f"starting {label}")
+            try:
+                yield system, f"http://127.0.0.1:{port}"
+            finally:
+                serve.delete(system)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main() -> None:
