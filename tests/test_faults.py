@@ -45,12 +45,15 @@ def test_health_and_ready(http) -> None:
 
 
 async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> None:
-    """40 concurrent requests against 4 running + 4 waiting + 1 in Serve's queue: the others get 503.
+    """40 concurrent requests against 4 running + 4 waiting + 1 in Serve's queue: most get 503.
 
-    Then, with the queues still full and the burst's own refusals all back, 100 requests
-    arriving one every 30 ms are refused within 100 ms at p99. The burst itself is not timed
-    (40 connections opened at once queue in the proxy). 33 requests/s is some 25 times what
-    this replica sustains (4 x 400 tokens at ~16 ms a step here); it is not 100/s because a
+    Serve's queue check is soft both ways under a burst (requests arriving in the same event-loop
+    turn all pass it, and some are refused while a place is free: 7-15 of the 40 admitted for 9,
+    seen with the CPU contended), so the queues are then topped up one request at a time, which
+    is exact, until one is refused (the replica's 8 places are taken, and Serve's queue). Then
+    100 requests arriving one every 30 ms are refused within 100 ms at p99. The burst itself is
+    not timed (40 connections opened at once queue in the proxy). 33 requests/s is some 25 times
+    what this replica sustains (4 x 400 tokens at ~16 ms a step here); it is not 100/s because a
     refusal costs ~12 ms of CPU here (Serve's proxy ~5, the ingress ~6, the client ~2.5: the
     model holds the other core), so at 100/s the refusals themselves saturate this VM's free
     core and their tail is queueing (p99 50-120 ms seen). The model is the 32M bench model, so
@@ -89,20 +92,26 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
                 if sum(task.done() for task in burst) != done:
                     done, changed = sum(task.done() for task in burst), time.monotonic()
                 await asyncio.sleep(0.005)
+            topped_up = []
+            while True:  # one at a time: held (not refused within 0.5 s) until one is refused
+                topped_up.append(asyncio.ensure_future(one(client)))
+                await asyncio.wait({topped_up[-1]}, timeout=0.5)
+                if topped_up[-1].done():
+                    break
+                assert len(topped_up) <= capacity, "the queues take every request"
             probes = []
             for _ in range(100):  # then requests arriving one by one, each timed on its own
                 probes.append(asyncio.ensure_future(one(client)))
                 await asyncio.sleep(probes_every_s)
             probes_sent = time.monotonic()
-            results = await asyncio.gather(*burst)
+            results = await asyncio.gather(*burst, *topped_up)
             probed = await asyncio.gather(*probes)
         codes = [code for code, _, _ in results]
-        assert set(codes) == {200, 503}, codes
+        assert set(codes) == {200, 503} and codes[-1] == 503, codes
         refused = [(t, r) for code, t, r in results if code == 503]
         accepted = [r for code, _, r in results if code == 200]
-        # Bounded, though not to the request: Serve admits one more than its queue now and then
-        # while routing decisions are in flight (9-10 seen for 9 on this VM).
-        assert capacity <= len(accepted) <= capacity + 2, codes
+        # Serve's queue is bounded, though softly under a burst (see above); the engine's exactly.
+        assert capacity <= len(accepted) <= 2 * capacity, codes
         for _, res in refused + [(t, r) for _, t, r in probed]:
             assert res.headers.get("retry-after") == "1", (res.status_code, res.text)
             assert res.json()["error"]["type"] == "overloaded_error"
