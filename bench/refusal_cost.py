@@ -1,6 +1,6 @@
 """What a refusal costs: latency and CPU per 503 while the model replica is full.
 
-    python -m bench.refusal_cost           # about 2 minutes
+    python -m bench.refusal_cost           # about 1 minute
     python -m bench.refusal_cost --quick   # a smoke run
 
 Under overload most requests are refused, so the refusal path's CPU decides how much load a
@@ -28,6 +28,7 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
 from bench.serving import RESULTS, each_system, log, publish
 from bench.workload import percentile
@@ -50,17 +51,17 @@ class Held:
 
     async def __call__(self, body: dict[str, Any]) -> dict[str, Any]:
         await asyncio.Event().wait()
-        return body
+        return body  # never reached: the wait ends only in cancellation
 
 
 @serve.deployment(max_ongoing_requests=1000)
 @serve.ingress(minimal_api)
 class MinimalIngress:
-    def __init__(self, held: Any) -> None:
+    def __init__(self, held: DeploymentHandle) -> None:
         self._held = held
 
-    @minimal_api.post("/v1/completions")
-    async def completions(self, body: dict[str, Any] = JSON_BODY) -> Any:
+    @minimal_api.post("/v1/completions", response_model=None)
+    async def completions(self, body: dict[str, Any] = JSON_BODY) -> dict[str, Any] | JSONResponse:
         try:
             return await self._held.remote(body)
         except BackPressureError:
@@ -74,34 +75,31 @@ def _spin() -> None:
 
 
 def start_system(system: str, model: str, base: str) -> tuple[str, str]:
-    """(url, the name of the deployment that holds the requests) on the running Serve."""
+    """(url, the name of the ingress deployment) on the running Serve."""
     from deployments.app import bind_app
     from deployments.config import ShardserveArgs
 
     if system == "shardserve":
         config = ShardserveArgs(model=model, served_model_name="bench", engine=ENGINE, cache={"enabled": False})
         serve.run(bind_app(config), name=system, route_prefix=f"/{system}")
-        return f"{base}/{system}", "LLMServer"
+        return f"{base}/{system}", "Ingress"
     engine = ShardserveArgs(model=model, engine=ENGINE).engine  # the same queue bounds as shardserve's
     held = Held.options(max_ongoing_requests=engine.replica_capacity, max_queued_requests=engine.router_queue_size)
     serve.run(MinimalIngress.bind(held.bind()), name=system, route_prefix=f"/{system}")
-    return f"{base}/{system}", "Held"
+    return f"{base}/{system}", "MinimalIngress"
 
 
-def path_processes(app: str, model_deployment: str) -> dict[str, list[int]]:
+def path_processes(app: str, ingress_deployment: str) -> dict[str, list[int]]:
     """The pids of the processes a refusal passes through, by role."""
     from ray._private import state as gcs_state
 
+    names = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{app}:{ingress_deployment}"}
     roles: dict[str, list[int]] = {"proxy": [], "ingress": [], "client": [os.getpid()]}
     for actor in gcs_state.actors().values():
-        name = actor["ActorClassName"]
-        if actor["State"] != "ALIVE":
-            continue
-        if name.startswith("ServeReplica") and "ProxyActor" not in name:
-            if name.startswith(f"ServeReplica:{app}:") and not name.endswith(f":{model_deployment}"):
-                roles["ingress"].append(actor["Pid"])
-        elif name == "ProxyActor":
-            roles["proxy"].append(actor["Pid"])
+        for role, name in names.items():
+            if actor["State"] == "ALIVE" and actor["ActorClassName"] == name:
+                roles[role].append(actor["Pid"])
+    assert all(roles.values()), f"a process on the path was not found: {roles}"
     return roles
 
 
@@ -120,19 +118,24 @@ async def measure(url: str, roles: dict[str, list[int]], rates: list[float], pro
     probe = {**hold, "max_tokens": 8}
     limits = httpx.Limits(max_connections=500)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        holders: list[asyncio.Task] = []
+        holders: list[asyncio.Task[httpx.Response]] = []
         try:
             while not any(task.done() for task in holders):  # fill until a request comes back (refused)
+                assert len(holders) < 100, "nothing was refused"
                 holders.append(asyncio.ensure_future(client.post("/v1/completions", json=hold)))
                 await asyncio.sleep(0.2)
+            held = [task for task in holders if not task.done()]
             codes = [task.result().status_code for task in holders if task.done()]
             assert set(codes) == {503}, f"a held request ended early: {codes}"
-            log(f"  full with {len(holders) - len(codes)} requests held")
+            log(f"  full with {len(held)} requests held")
             before, start = cpu_s(roles), time.perf_counter()
             await asyncio.sleep(3.0)  # no probes: what the path's processes spend anyway
             after, quiet_s = cpu_s(roles), time.perf_counter() - start
             idle = {role: (after[role] - before[role]) / quiet_s for role in roles}
-            return [await _phase(client, probe, roles, idle, rate, probes) for rate in rates]
+            phases = [await _phase(client, probe, roles, idle, rate, probes) for rate in rates]
+            # A held request that ended freed a place: the probes after it were not all refusals.
+            assert not any(task.done() for task in held), "a held request ended during the phases"
+            return phases
         finally:
             for task in holders:
                 task.cancel()
@@ -140,7 +143,7 @@ async def measure(url: str, roles: dict[str, list[int]], rates: list[float], pro
 
 
 async def _phase(
-    client: httpx.AsyncClient, body: dict, roles: dict[str, list[int]], idle: dict[str, float], rate: float, n: int
+    client: httpx.AsyncClient, body: dict[str, Any], roles: dict[str, list[int]], idle: dict[str, float], rate: float, n: int
 ) -> dict[str, Any]:
     """n probes at `rate`; CPU per probe is what each role spent beyond its `idle` rate."""
 
@@ -150,7 +153,7 @@ async def _phase(
         return res.status_code, time.perf_counter() - start
 
     before, start = cpu_s(roles), time.perf_counter()
-    tasks = []
+    tasks: list[asyncio.Task[tuple[int, float]]] = []
     for i in range(n):  # on a fixed schedule: a late send does not delay the next ones
         await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
         tasks.append(asyncio.ensure_future(one()))
@@ -186,8 +189,8 @@ def main() -> None:
         "engine": ENGINE,
     }
     for system, base in each_system(SYSTEMS):
-        url, model_deployment = start_system(system, args.model, base)
-        report[system] = asyncio.run(measure(url, path_processes(system, model_deployment), args.rates, probes))
+        url, ingress = start_system(system, args.model, base)
+        report[system] = asyncio.run(measure(url, path_processes(system, ingress), args.rates, probes))
     publish(args.out, report, render(report))
 
 
@@ -204,7 +207,7 @@ def render(report: dict[str, Any]) -> str:
     for system, label in SYSTEMS.items():
         for phase in report.get(system, []):
             cpu = phase["cpu_ms"]
-            server = cpu["proxy"] + cpu["ingress"]
+            server = max(cpu["proxy"] + cpu["ingress"], 1e-3)  # idle-corrected: noise could make it <= 0
             latency = f"{phase['p50_ms']:.0f} / {phase['p99_ms']:.0f} ms" if phase["refused"] else "-"
             lines.append(
                 f"| {label} | {phase['rate']:g} | {phase['refused']} / {phase['probes']} | {latency} | "

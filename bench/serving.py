@@ -55,9 +55,9 @@ def each_system(systems: dict[str, str], num_cpus: int = 4) -> Iterator[tuple[st
     from ray import serve
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         for system, label in systems.items():
             log(f"starting {label}")
             try:
