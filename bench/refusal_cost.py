@@ -7,7 +7,8 @@ Under overload most requests are refused, so the refusal path's CPU decides how 
 replica set can turn away before the refusals themselves queue. For each system the model side
 is filled first (its running, waiting and Serve-queued places all held by long requests); then
 probes arrive at fixed rates, each timed on its own, while the CPU time of every process on the
-path is read (Serve's proxy, the app's replicas other than the model, this client process).
+path is read (Serve's proxy, the ingress replica, this client process), less what each spends
+in a quiet interval before (health checks, metrics pushes).
 Baseline: the same two hops with nothing of ours, a minimal FastAPI ingress over a deployment
 that holds its requests, with the same `max_ongoing_requests` and `max_queued_requests`, so
 Serve's router refuses in the same place. Writes bench/results/refusal_cost.{json,md}.

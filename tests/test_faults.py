@@ -113,7 +113,7 @@ async def test_overload_refuses_fast_and_accepted_requests_finish(server) -> Non
         accepted = [r for code, _, _, r in results if code == 200]
         # Serve's queue is bounded, though softly under a burst (see above); the engine's exactly.
         assert capacity <= len(accepted) <= 2 * capacity, codes
-        for _, res in refused + [(0.0, r) for _, _, _, r in probed]:
+        for res in [r for _, r in refused] + [r for _, _, _, r in probed]:
             assert res.headers.get("retry-after") == "1", (res.status_code, res.text)
             assert res.json()["error"]["type"] == "overloaded_error"
         first_finish = min(ended for code, _, ended, _ in results if code == 200)
