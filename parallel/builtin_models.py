@@ -17,6 +17,11 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -138,24 +143,30 @@ def _training_corpus(seed: int, vocab_size: int) -> list[str]:
     return out
 
 
-def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
+def train_byte_bpe(vocab_size: int, special_tokens: list[str], seed: int = 0, unk_token: str | None = None) -> Tokenizer:
+    """A byte-level BPE of exactly vocab_size tokens, the special ones first (ids 0..)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(spec.seed, spec.vocab_size), trainer)
-    if tok.get_vocab_size() != spec.vocab_size:
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, the model {spec.vocab_size}")
+    tok.train_from_iterator(_training_corpus(seed, vocab_size), trainer)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, the model {vocab_size}")
+    return tok
+
+
+def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=train_byte_bpe(spec.vocab_size, SPECIAL_TOKENS, spec.seed, unk_token="<unk>"),
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -186,10 +197,20 @@ def _write_model(spec: BuiltinModelSpec, out: Path) -> None:
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
-    # Random init gives near-uniform logits; a larger scale makes greedy choices well separated,
-    # so that tp/pp sharded runs compare exact tokens without ties decided by rounding.
+    spread_weights(model)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def spread_weights(model: torch.nn.Module, vectors_too: bool = False) -> None:
+    """Random init gives near-uniform logits; a larger scale makes greedy choices well separated,
+    so that sharded runs and reference forwards compare exact tokens without ties decided by
+    rounding. `vectors_too` also perturbs norms and biases, so that a forward that skipped or
+    misapplied one (a q/k norm, Gemma's `1 + weight`) could not still agree."""
+    import torch
+
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
-    model.save_pretrained(out, safe_serialization=True)
+            elif vectors_too:
+                p.add_(torch.randn_like(p) * 0.1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from parallel.architectures import UnsupportedArchitecture, architecture_of
 from parallel.builtin_models import ensure_builtin_model, is_builtin
 
 logger = logging.getLogger(__name__)
@@ -21,10 +22,6 @@ _HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# Architectures the paged forward (parallel/paged_model.py) runs: Llama-style decoder layers.
-SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
-
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found or loaded; the message says why and what to do."""
@@ -85,9 +82,10 @@ def load_model_config(spec: ModelSpec) -> tuple[Path, PretrainedConfig]:
     """The checkpoint's directory and config, refusing architectures we cannot run."""
     path = resolve_model_dir(spec.model, spec.revision)
     hf_config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-    archs = set(getattr(hf_config, "architectures", None) or [])
-    if not archs & SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(f"architecture {sorted(archs)} is not supported; supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+    try:
+        architecture_of(hf_config)
+    except UnsupportedArchitecture as exc:
+        raise ModelLoadError(str(exc)) from None
     return path, hf_config
 
 

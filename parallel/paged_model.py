@@ -1,21 +1,25 @@
-"""A Llama-family forward pass over a paged KV cache, a whole step's batch at once.
+"""The forward pass of the registered decoder architectures over a paged KV cache, a whole
+step's batch at once.
 
 The Hugging Face model supplies the weights and its modules (projections, norms, MLP, rotary
 embedding); this file supplies what HF's own forward lacks for serving: tokens of many sequences
 flattened into one batch (so every linear layer runs once per step), K/V written into fixed-size
 blocks of a preallocated pool, and attention that reads each sequence's blocks through its block
-table. The same code runs under DeepSpeed AutoTP, which swaps the Linear modules for sharded
-ones: head counts are read from the projections' output sizes, not from the config.
+table, masked to each layer's sliding window where it has one. What differs between families
+(norm wiring, q/k norms, per-layer rotary tables) comes from `parallel.architectures`. The same
+code runs under DeepSpeed AutoTP, which swaps the Linear modules for sharded ones: head counts
+are read from the projections' output sizes, not from the config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from parallel.architectures import architecture_of, layer_type, layer_window
 from parallel.runner import StepInput
 
 
@@ -56,7 +60,49 @@ class DecodeGroup:
 
     rows: torch.Tensor  # [D] flat rows of the sequences' tokens
     blocks: torch.Tensor  # [D, max_blocks] block tables, padded with block 0
-    mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] True where context is real
+    lengths: torch.Tensor  # [D] context length of each sequence (its new token included)
+    block_size: int
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[D, 1, 1, max_blocks * block_size]: True for the keys the new token attends to, the
+        real context within the layer's window; made once per step for each window."""
+        if window not in self._masks:
+            keys = torch.arange(self.blocks.shape[1] * self.block_size, device=self.lengths.device)[None, :]
+            allowed = keys < self.lengths[:, None]
+            if window is not None:
+                allowed &= keys >= (self.lengths - window)[:, None]
+            self._masks[window] = allowed[:, None, None, :]
+        return self._masks[window]
+
+
+@dataclass
+class Prefill:
+    """A prompt (or a chunk of one) of n tokens starting at position `start`."""
+
+    row: int  # first flat row of its tokens
+    n: int
+    start: int
+    blocks: torch.Tensor  # the blocks holding positions [0, start + n)
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, window: int | None, block_size: int) -> torch.Tensor | None:
+        """[n, keys]: which keys each query sees, causal and within the window; None when the
+        chunk starts the sequence and has no window (plain causal attention over its own K/V).
+        Keys are the chunk's own when it starts at 0, else every position of its blocks."""
+        if window not in self._masks:
+            device = self.blocks.device
+            queries = self.start + torch.arange(self.n, device=device)[:, None]
+            if self.start == 0 and window is None:
+                self._masks[window] = None
+            else:
+                num_keys = self.n if self.start == 0 else self.blocks.numel() * block_size
+                keys = torch.arange(num_keys, device=device)[None, :]
+                allowed = keys <= queries
+                if window is not None:
+                    allowed &= keys > queries - window
+                self._masks[window] = allowed
+        return self._masks[window]
 
 
 def bucket_by_length(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
@@ -87,7 +133,7 @@ class PreparedBatch:
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] where each new token's K/V goes in the flat pool
     decode_groups: list[DecodeGroup]  # single-token sequences, bucketed by context length
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (row start, n, first position, blocks)
+    prefills: list[Prefill]
     logit_rows: torch.Tensor  # [S] flat rows whose logits are sampled
 
 
@@ -98,7 +144,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
-    prefills: list[tuple[int, int, int, torch.Tensor]] = []
+    prefills: list[Prefill] = []
     logit_rows: list[int] = []
     for seq in step.seqs:
         row, n, start = len(ids), len(seq.token_ids), seq.start_pos
@@ -115,7 +161,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
             blocks = torch.tensor(used)
             pos = torch.arange(start, ctx_len)
             slot_parts.append(blocks[pos // block_size] * block_size + pos % block_size)
-            prefills.append((row, n, start, blocks.to(device)))
+            prefills.append(Prefill(row, n, start, blocks.to(device)))
         if seq.sample:
             logit_rows.append(row + n - 1)
     groups = []
@@ -124,13 +170,12 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
         tables = torch.zeros((len(members), width), dtype=torch.long)
         for k, i in enumerate(members):
             tables[k, : len(decode_tables[i])] = torch.tensor(decode_tables[i])
-        lens = torch.tensor([decode_lens[i] for i in members], dtype=torch.long)
-        mask = torch.arange(width * block_size)[None, :] < lens[:, None]
         groups.append(
             DecodeGroup(
                 rows=torch.tensor([decode_rows[i] for i in members], dtype=torch.long, device=device),
                 blocks=tables.to(device),
-                mask=mask[:, None, None, :].to(device),
+                lengths=torch.tensor([decode_lens[i] for i in members], dtype=torch.long, device=device),
+                block_size=block_size,
             )
         )
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
@@ -145,18 +190,26 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
 
 
 class PagedCausalLM:
-    """Wraps a loaded HF causal LM, whole or one pipeline stage of it.
+    """Wraps a loaded HF causal LM of a registered architecture, whole or one pipeline stage.
 
     A stage model holds only its decoder layers; the first stage also has the embeddings, the
     last the final norm and LM head (absent modules are None). The KV pool covers the layers
-    held here, and the heads held here when AutoTP has sharded the projections.
+    held here, and the heads held here when AutoTP has sharded the projections. Each layer's
+    window and rotary table come from its index in the whole model (`self_attn.layer_idx`), so
+    a stage of Gemma 3 knows which of its layers are local.
     """
 
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
+        config = model.config
+        self.arch = architecture_of(config)
         self.layers = list(model.model.layers)
         self.head_dim = self.layers[0].self_attn.head_dim
+        indices = [layer.self_attn.layer_idx for layer in self.layers]
+        self.windows = [layer_window(config, i) for i in indices]
+        self.rope_keys = [layer_type(config, i) if self.arch.rope_per_layer_type else None for i in indices]
+        self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
 
     @torch.inference_mode()
     def forward(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,18 +222,29 @@ class PagedCausalLM:
         if inner.embed_tokens is not None:
             hidden = inner.embed_tokens(batch.input_ids)  # [T, H]
         assert hidden is not None, "a stage without embeddings needs the previous stage's hidden states"
-        cos, sin = inner.rotary_emb(hidden, batch.positions[None, :])
-        cos, sin = cos[0], sin[0]  # [T, d]
+        rotary = {}
+        for key in dict.fromkeys(self.rope_keys):
+            args = (hidden, batch.positions[None, :]) if key is None else (hidden, batch.positions[None, :], key)
+            cos, sin = inner.rotary_emb(*args)
+            rotary[key] = (cos[0], sin[0])  # [T, d]
+        sandwich = self.arch.layer == "sandwich"
         for layer_idx, layer in enumerate(self.layers):
-            residual = hidden
+            cos, sin = rotary[self.rope_keys[layer_idx]]
             x = layer.input_layernorm(hidden)
-            attn_out = self._attention(layer.self_attn, layer_idx, x, cos, sin, batch)
-            hidden = residual + layer.self_attn.o_proj(attn_out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            attn_out = layer.self_attn.o_proj(self._attention(layer.self_attn, layer_idx, x, cos, sin, batch))
+            if sandwich:
+                hidden = hidden + layer.post_attention_layernorm(attn_out)
+                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+            else:
+                hidden = hidden + attn_out
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if self.model.lm_head is None:
             return hidden
         last = inner.norm(hidden[batch.logit_rows])
-        return self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
+        logits = self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
     def _attention(
         self,
@@ -196,6 +260,8 @@ class PagedCausalLM:
         q = attn.q_proj(x).view(tokens, -1, d)
         k = attn.k_proj(x).view(tokens, -1, d)
         v = attn.v_proj(x).view(tokens, -1, d)
+        if self.arch.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
         k_blocks, v_blocks = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [NB, bs, kvh, d]
         kv_heads = k_blocks.shape[2]
@@ -203,25 +269,25 @@ class PagedCausalLM:
         v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
         out = torch.empty_like(q)
         scale = attn.scaling
+        window = self.windows[layer_idx]
         for group in batch.decode_groups:
             rows = group.rows.numel()
             qd = q[group.rows].unsqueeze(2)  # [D, h, 1, d]
             flat_blocks = group.blocks.flatten()
             kd = k_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)  # [D, kvh, L, d]
             vd = v_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask, scale=scale, enable_gqa=True)
+            mask = group.mask(window)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
             out[group.rows] = od.squeeze(2)
-        for row, n, start, blocks in batch.prefills:
-            qp = q[row : row + n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            if start == 0:  # nothing cached before this chunk: attend to its own K/V, causally
-                kp = k[row : row + n].transpose(0, 1).unsqueeze(0)
-                vp = v[row : row + n].transpose(0, 1).unsqueeze(0)
-                op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
+        for p in batch.prefills:
+            qp = q[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
+            mask = p.mask(window, self.cache.block_size)
+            if p.start == 0:  # nothing cached before this chunk: attend to its own K/V
+                kp = k[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)
+                vp = v[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)
             else:
-                kp = k_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
-                vp = v_blocks.index_select(0, blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
-                keys = torch.arange(kp.shape[2], device=x.device)
-                causal = keys[None, :] <= (start + torch.arange(n, device=x.device))[:, None]
-                op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=causal, scale=scale, enable_gqa=True)
-            out[row : row + n] = op[0].transpose(0, 1)
+                kp = k_blocks.index_select(0, p.blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
+                vp = v_blocks.index_select(0, p.blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
+            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+            out[p.row : p.row + p.n] = op[0].transpose(0, 1)
         return out.reshape(tokens, -1)
