@@ -14,15 +14,16 @@ import time
 import torch
 from transformers import DynamicCache
 
-from deployments.config import EngineConfig
+from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.loading import ModelSpec
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import KVCacheSpec, SamplingSpec
+from parallel.runner import SamplingSpec
 
 
 def load_runner(model: str, max_model_len: int | None = None) -> tuple[LocalModelRunner, object]:
-    runner = LocalModelRunner(ModelSpec(model, None, "float32", False, max_model_len, "cpu"), KVCacheSpec(16, None, 256 * 2**20))
+    """The runner a replica with default settings would have."""
+    args = ShardserveArgs(model=model, max_model_len=max_model_len)
+    runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
     return runner, runner.load()
 
 

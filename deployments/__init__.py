@@ -9,6 +9,7 @@ from deployments.types import (
     GenerateRequest,
     GenerateResponse,
     ModelCard,
+    SamplingDefaults,
     Usage,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "GenerateResponse",
     "LimitsConfig",
     "ModelCard",
+    "SamplingDefaults",
     "ShardserveArgs",
     "ShardserveError",
     "Usage",

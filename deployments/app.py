@@ -53,12 +53,34 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
         spec = args.parallel_spec()
         options["placement_group_bundles"] = replica_bundles(args.world_size, spec.cpus_per_rank, spec.gpus_per_rank, 1)
         options["placement_group_strategy"] = spec.placement_strategy
+    elif args.device == "cuda":
+        # The model runs in the replica: it needs a GPU of its own (Ray sets CUDA_VISIBLE_DEVICES),
+        # or it could land on a node without one, or share cuda:0 with another replica.
+        options["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1}
     return options
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The `import_path` target: validates `args` (pydantic.ValidationError names a bad field)."""
-    return bind_app(ShardserveArgs.model_validate(args or {}))
+    """The `import_path` target: validates `args` (pydantic.ValidationError names a bad field).
+
+    Also the target of a one-line start, `serve run deployments.app:build_app model=/path/to/model
+    engine.max_num_seqs=8`: Serve passes such arguments as flat strings, so a dotted key is a
+    nested field (pydantic turns "8" into 8)."""
+    return bind_app(ShardserveArgs.model_validate(nested(args or {})))
+
+
+def nested(args: dict[str, Any]) -> dict[str, Any]:
+    """`{"engine.max_num_seqs": "8"}` as `{"engine": {"max_num_seqs": "8"}}`; other keys as they are."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"argument {key!r} sets a field inside {part!r}, which is given a value too")
+        node[leaf] = value
+    return out
 
 
 def bind_app(
@@ -70,10 +92,16 @@ def bind_app(
     `version_overrides` (one served version's) are for programmatic callers (benchmarks,
     tests) that have no `deployments:` section, e.g. `ray_actor_options`."""
     options = {**llm_server_options(config), **(llm_server_overrides or {})}
-    if "placement_group_bundles" in options and not config.parallel.allow_pending_placement:
-        _check_placeable(options["placement_group_bundles"], options["placement_group_strategy"])
+    if not config.parallel.allow_pending_placement:
+        _check_placeable(*replica_demand(options))
     hub = serve.deployment(MetricsHub).options(
-        name="MetricsHub", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}
+        name="MetricsHub",
+        num_replicas=1,
+        max_ongoing_requests=1000,
+        ray_actor_options={"num_cpus": 0},
+        # Every replica pushes its metrics every few seconds: an access-log line per push
+        # flooded the `serve run` console with "CALL push OK".
+        logging_config={"enable_access_log": False},
     ).bind()
     ingress = serve.deployment(Ingress).options(
         name="Ingress",
@@ -111,6 +139,16 @@ def served_versions(config: ShardserveArgs) -> list[int]:
     return versions
 
 
+def replica_demand(options: dict[str, Any]) -> tuple[list[dict[str, float]], str]:
+    """What one LLM server replica reserves: its placement group's bundles when sharded, else
+    its own actor's resources (a GPU on cuda), as one bundle."""
+    if "placement_group_bundles" in options:
+        return options["placement_group_bundles"], options["placement_group_strategy"]
+    actor = options.get("ray_actor_options", {})
+    bundle = {"CPU": float(actor.get("num_cpus", 1)), "GPU": float(actor.get("num_gpus", 0))}
+    return [{k: v for k, v in bundle.items() if v}], "STRICT_PACK"
+
+
 def _check_placeable(bundles: list[dict[str, float]], strategy: str) -> None:
     """Fail the build, naming the missing resource, rather than leave a replica pending forever.
 
@@ -124,6 +162,4 @@ def _check_placeable(bundles: list[dict[str, float]], strategy: str) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     reason = unplaceable_reason(bundles, strategy, nodes)
     if reason is not None:
-        raise ValueError(
-            f"cannot place the sharded LLMServer: {reason}; set parallel.allow_pending_placement on an autoscaling cluster"
-        )
+        raise ValueError(f"cannot place the LLMServer: {reason}; set parallel.allow_pending_placement on an autoscaling cluster")

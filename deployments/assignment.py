@@ -1,11 +1,16 @@
-"""Waiting for Serve to hand a call to a replica, but not for a deployment that is gone.
+"""Waiting for Serve to hand a call to a replica, but not for a deployment that is gone or
+has no model to serve.
 
-Serve keeps a handle call queued while its deployment has no running replica (a replica being
-replaced, a scale-up), which is what we want. But when a redeploy removes the deployment (a
+Serve keeps a handle call queued while its deployment has no running replica. That is right for
+a replica being replaced or a scale-up, but not for a model that is still loading (minutes, for
+a large checkpoint) or that failed to load: a client of `/v1/models` then hung until it gave up,
+while the reason sat in the controller's log. And when a redeploy removes the deployment (a
 model version the new config no longer serves), the calls already queued for it are not failed:
 they wait until the calling replica, itself being drained, is killed at the end of its grace
 period, and the client gets a 500 after that long. So the ingress waits for the assignment
-itself, checking every two seconds that the deployment is still part of the app.
+itself: after half a second it asks the controller whether the deployment is still part of the
+app and whether any replica of it runs, and answers 503 with the reason Serve shows in
+`serve status` (loading, or the load's error) when none does.
 """
 
 from __future__ import annotations
@@ -18,52 +23,119 @@ from typing import Any
 
 from ray import serve
 from ray.serve.context import _get_global_client
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from deployments.errors import Overloaded
+
+# Statuses under which a deployment has replicas serving; under the others (UPDATING, UNHEALTHY,
+# DEPLOY_FAILED) the replica count decides.
+_SERVING = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 
 
 class AppDeployments:
-    """The names of the deployments in this replica's application, read from the controller
-    at most once per `max_age_s`, and only by callers that are waiting anyway. It asks for this
-    one application's status: `serve.status()` builds the details of every application and
-    replica, which costs the controller and this process tens of milliseconds, and a queue of
-    waiting requests under overload would pay it every second."""
+    """The deployments of this replica's application and their status, read from the controller
+    at most once per `max_age_s` (`unhealthy_max_age_s` while one is not serving), and only by
+    callers that are waiting anyway. It asks for this one application's status: `serve.status()`
+    builds the details of every application and replica, which costs the controller and this
+    process tens of milliseconds, and a queue of waiting requests under overload would pay it
+    every second; it is read only to count the replicas of a deployment that is not serving."""
 
-    def __init__(self, max_age_s: float = 2.0) -> None:
+    def __init__(self, max_age_s: float = 2.0, unhealthy_max_age_s: float = 0.5) -> None:
         self._max_age_s = max_age_s
-        self._names: set[str] = set()
+        self._unhealthy_max_age_s = unhealthy_max_age_s
+        self._statuses: dict[str, tuple[str, str]] = {}  # name -> (status, message)
         self._read_at = float("-inf")
+        self._running: dict[str, int] = {}
+        self._running_read_at = float("-inf")
         self._lock = asyncio.Lock()
 
     async def contains(self, name: str) -> bool:
+        await self._refresh()
+        return name in self._statuses
+
+    async def unavailable(self, name: str) -> Overloaded | None:
+        """Why `name` cannot take a request now, as a 503 to answer with: no replica of it runs
+        because the model is loading or failed to load. None while it serves (or has left the
+        app, which `contains` tells)."""
+        await self._refresh()
+        status, message = self._statuses.get(name, ("HEALTHY", ""))
+        if status in _SERVING or await self._running_replicas(name) > 0:
+            return None
+        return unavailable_error(status, message)
+
+    async def _refresh(self) -> None:
         async with self._lock:
-            if time.monotonic() - self._read_at > self._max_age_s:
+            healthy = all(status in _SERVING for status, _ in self._statuses.values())
+            max_age = self._max_age_s if healthy else self._unhealthy_max_age_s
+            if time.monotonic() - self._read_at > max_age:
                 app = serve.get_replica_context().app_name
                 client = _get_global_client()
                 status = await asyncio.to_thread(client.get_serve_status, app)
-                self._names = {d.name for d in status.deployment_statuses}
+                self._statuses = {d.name: (str(d.status.value), d.message) for d in status.deployment_statuses}
                 self._read_at = time.monotonic()
-            return name in self._names
+
+    async def _running_replicas(self, name: str) -> int:
+        async with self._lock:
+            if time.monotonic() - self._running_read_at > self._unhealthy_max_age_s:
+                app = serve.get_replica_context().app_name
+                details = (await asyncio.to_thread(serve.status)).applications.get(app)
+                deployments = details.deployments if details is not None else {}
+                self._running = {n: d.replica_states.get("RUNNING", 0) for n, d in deployments.items()}
+                self._running_read_at = time.monotonic()
+            return self._running.get(name, 0)
 
 
-async def assigned(response: Any, deployment: str, app: AppDeployments, check_every_s: float = 2.0) -> bool:
+def unavailable_error(status: str, message: str) -> Overloaded:
+    """The 503 for a model deployment without a running replica, its reason taken from what
+    Serve shows in `serve status` (the last line of the load's error, when there is one)."""
+    detail = _last_error_line(message)
+    if status == "DEPLOY_FAILED":
+        return Overloaded(f"the model failed to load: {detail or message}", code="model_load_failed", retry_after_s=30.0)
+    if detail:
+        return Overloaded(f"the model failed to load and is being retried: {detail}", code="model_loading", retry_after_s=5.0)
+    return Overloaded("the model is loading; no replica can serve yet", code="model_loading", retry_after_s=5.0)
+
+
+def _last_error_line(message: str) -> str:
+    """`ModelLoadError: ...` of a message that ends with a traceback, without its module path."""
+    if "Error" not in message and "Exception" not in message:
+        return ""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    name, sep, text = last.partition(": ")
+    return f"{name.rsplit('.', 1)[-1]}: {text}" if sep and " " not in name else last
+
+
+async def assigned(
+    response: Any, deployment: str, app: AppDeployments, first_check_s: float = 0.5, check_every_s: float = 2.0
+) -> bool:
     """Wait until Serve gives `response`'s call (a DeploymentResponse or a streaming one) to a
     replica: True then; False, with the call cancelled, once `deployment` has left the app.
-    Serve's own refusals (a full queue, a failed deployment) are raised as they are."""
+    A deployment with no replica running (the model loading, or failed to load) cancels the
+    call and raises its 503; Serve's own queue-full refusal is raised as it is."""
     # Serve's private step behind every await of a response: it resolves when the call is
     # assigned and caches the result, so awaiting or iterating the response afterwards works.
     fetch = getattr(response, "_fetch_future_result_async", None)
     if fetch is None:  # another Serve version: no watch, the call waits as Serve decides
         return True
     assignment = asyncio.ensure_future(fetch())
+    wait_s = first_check_s
     try:
         while True:
-            done, _ = await asyncio.wait({assignment}, timeout=check_every_s)
+            done, _ = await asyncio.wait({assignment}, timeout=wait_s)
+            wait_s = check_every_s
             if done:
-                assignment.result()
+                try:
+                    assignment.result()
+                except DeploymentUnavailableError:  # failed to deploy: say why
+                    raise (await app.unavailable(deployment) or unavailable_error("DEPLOY_FAILED", "")) from None
                 return True
             if not await app.contains(deployment):
                 response.cancel()
                 return False
+            if (refusal := await app.unavailable(deployment)) is not None:
+                response.cancel()
+                raise refusal
     except asyncio.CancelledError:  # the caller left (a client that disconnected)
         response.cancel()
         raise

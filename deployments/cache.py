@@ -3,8 +3,11 @@
 A request is cached only when its answer is reproducible: greedy (temperature 0), or sampled
 with an explicit seed (the engine seeds each position from the request seed alone, so the same
 seed gives the same tokens whatever shares the batch). The key hashes the model name and
-version, the tenant, and every field of the request that can change the answer; entries are
-JSON (never pickle: a shared Redis must not be a way to run code in the ingress).
+version, the served checkpoint's fingerprint (weights, tokenizer, generation defaults: another
+checkpoint served under the same name and version never gets this one's answers), the tenant,
+and every field of the request that can change the answer, with the model's sampling defaults
+filled in; entries are JSON (never pickle: a shared Redis must not be a way to run code in the
+ingress).
 
 A cache failure never fails a request: a Redis that is down or slower than `redis_timeout_s`
 is logged, counted, and the request is served uncached.
@@ -116,15 +119,17 @@ class ResultCache:
             else MemoryBackend(config.max_entries, config.max_bytes, config.ttl_s)
         )
 
-    def key(self, request: GenerateRequest, tenant: str | None = None) -> str | None:
+    def key(self, request: GenerateRequest, *, fingerprint: str, tenant: str | None = None) -> str | None:
         """The entry's key, or None when the request must not be cached (opted out, or its
-        answer is not reproducible)."""
+        answer is not reproducible). `request` has the model's sampling defaults filled in
+        (`GenerateRequest.with_defaults`); `fingerprint` is the checkpoint's (`ModelCard`)."""
         if not self._config.enabled or not request.cache:
             return None
-        if request.temperature > 0 and request.seed is None:
+        if not request.reproducible:
             return None
         fields = request.model_dump(mode="json", exclude=_NOT_IN_KEY)
-        canonical = json.dumps({"tenant": tenant, "request": fields}, sort_keys=True, separators=(",", ":"))
+        payload = {"model": fingerprint, "tenant": tenant, "request": fields}
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         digest = hashlib.sha256(canonical.encode()).hexdigest()
         return f"shardserve:result:{self._scope}:{digest}"
 

@@ -12,9 +12,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parallel.distributed_runner import ParallelSpec
-from parallel.loading import ModelSpec
-from parallel.runner import KVCacheSpec
+from parallel.placement import ParallelSpec
+from parallel.runner import KVCacheSpec, ModelSpec
 
 
 class StrictModel(BaseModel):
@@ -51,10 +50,21 @@ class EngineConfig(StrictModel):
     """Tokens per KV-cache block (the unit of allocation and of prefix sharing)."""
 
     kv_cache_blocks: int | None = Field(default=None, ge=1)
-    """Size of the KV pool in blocks; None: as many as fit in `kv_cache_memory_mb`."""
+    """Size of the KV pool in blocks; None: sized by `kv_cache_memory_mb` or, without it, by
+    `kv_cache_memory_fraction`."""
 
-    kv_cache_memory_mb: int = Field(default=256, ge=1)
-    """Memory given to the KV pool when `kv_cache_blocks` is not set."""
+    kv_cache_memory_mb: int | None = Field(default=None, ge=1)
+    """Memory given to the KV pool (to each rank's slice of it when sharded) when
+    `kv_cache_blocks` is not set; None: `kv_cache_memory_fraction` of the free memory."""
+
+    kv_cache_memory_fraction: float | None = Field(default=None, gt=0, le=0.95)
+    """Share of the memory free once the weights are loaded that the KV pool takes when neither
+    `kv_cache_blocks` nor `kv_cache_memory_mb` is set: host RAM on cpu (split among a replica's
+    ranks on one node), on cuda the GPU memory a profiling forward of the largest step leaves
+    (as vLLM's `gpu_memory_utilization`). None: 0.9 on cuda, 0.5 on cpu (host RAM is shared with
+    every other process of the node). The pool never exceeds what `max_num_seqs` sequences of
+    the whole context can use; the context served is the model's window, or what the pool holds
+    for one sequence when that is less."""
 
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of a shared prompt prefix (system prompt, earlier chat turns)."""
@@ -230,8 +240,9 @@ class ParallelConfig(StrictModel):
 
     allow_pending_placement: bool = False
     """Deploy even when no node of the cluster as it is now can hold a replica and its ranks
-    (set it on autoscaling clusters, where nodes join on demand); otherwise building the app
-    fails at once naming the missing resource instead of leaving the replica pending."""
+    (or, unsharded on cuda, a replica and its GPU); set it on autoscaling clusters, where nodes
+    join on demand. Otherwise building the app fails at once naming the missing resource
+    instead of leaving the replica pending."""
 
     load_timeout_s: float = Field(default=300.0, gt=0)
     """Most time for placing, starting and loading the ranks; past it the replica fails to
@@ -276,6 +287,11 @@ class ShardserveArgs(StrictModel):
 
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint to run. Off: it executes arbitrary code."""
+
+    generation_config: Literal["auto", "ignore"] = "auto"
+    """auto: a request that leaves temperature, top_p, top_k, min_p, repetition_penalty or
+    max_tokens out gets the checkpoint's generation_config.json value (as vLLM does); ignore:
+    OpenAI's defaults. Its EOS ids end generations either way."""
 
     tensor_parallel_size: int = Field(default=1, ge=1)
     """Ranks that split each layer's heads and MLP (DeepSpeed AutoTP). Must divide the
@@ -339,10 +355,17 @@ class ShardserveArgs(StrictModel):
         )
 
     def kv_cache_spec(self) -> KVCacheSpec:
+        engine = self.engine
+        fraction = engine.kv_cache_memory_fraction
+        if fraction is None:
+            fraction = 0.9 if self.device == "cuda" else 0.5
         return KVCacheSpec(
-            block_size=self.engine.block_size,
-            num_blocks=self.engine.kv_cache_blocks,
-            memory_bytes=self.engine.kv_cache_memory_mb * 2**20,
+            block_size=engine.block_size,
+            num_blocks=engine.kv_cache_blocks,
+            memory_bytes=engine.kv_cache_memory_mb * 2**20 if engine.kv_cache_memory_mb else None,
+            memory_fraction=fraction,
+            max_num_seqs=engine.max_num_seqs,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
         )
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,16 +27,20 @@ from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, PlacedCalls, cancelled_unless_finished
+from deployments.assignment import AppDeployments, PlacedCalls, assigned, cancelled_unless_finished
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
-from deployments.errors import ModelNotFound, Overloaded
+from deployments.errors import ModelNotFound, Overloaded, ShardserveError
 from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.streams import StreamRecorder
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 logger = logging.getLogger("ray.serve")
+
+CARD_MAX_AGE_S = 5.0
+"""How long a model card (fingerprint, sampling defaults) is trusted: a replica restarted on other
+weights at the same path is seen within this, and the result cache then keys on its fingerprint."""
 
 
 @serve.ingress()
@@ -54,7 +59,7 @@ class Ingress:
         self._args = args
         self.model_name = args.model_name
         self.max_prompts = args.limits.max_prompts
-        self._cards: dict[int, ModelCard] = {}
+        self._cards: dict[int, tuple[float, ModelCard]] = {}  # version -> (read at, card)
         self._metrics = IngressMetrics(args.model_name)
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
@@ -92,7 +97,7 @@ class Ingress:
         v = self.resolve_version(version)
         check_request(request, self._args.limits)
         cache = self._caches[v]
-        key = cache.key(request)
+        key, fingerprint = await self._cache_key(v, request)
         if key is not None and (hit := await cache.lookup(key)) is not None:
             return hit
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
@@ -105,7 +110,7 @@ class Ingress:
             except Overloaded as exc:
                 if not await self._retry_after_replica_failure(exc, attempt):
                     raise
-        if key is not None and served == v:
+        if key is not None and served == v and self._same_checkpoint(v, fingerprint, response.model_fingerprint):
             await cache.store(key, response)
         return response
 
@@ -115,7 +120,7 @@ class Ingress:
         v = self.resolve_version(version)
         check_request(request, self._args.limits)
         cache = self._caches[v]
-        key = cache.key(request)
+        key, fingerprint = await self._cache_key(v, request)
         if key is not None and (hit := await cache.lookup(key)) is not None:
             for chunk in replay(hit):
                 yield chunk
@@ -138,8 +143,28 @@ class Ingress:
                     raise
         if key is not None and recorder is not None and served == v:
             response = recorder.response(self.model_name, with_logprobs=request.logprobs is not None)
-            if response is not None:
+            if response is not None and self._same_checkpoint(v, fingerprint, response.model_fingerprint):
                 await cache.store(key, response)
+
+    async def _cache_key(self, v: int, request: GenerateRequest) -> tuple[str | None, str]:
+        """The result-cache key of a request to version v, and the checkpoint fingerprint it
+        was made with. It keys on what the engine will run: the model's sampling defaults
+        filled in where the request left fields out (the request itself is sent as it is; the
+        replica applies its own defaults)."""
+        if not (self._args.cache.enabled and request.cache):
+            return None, ""
+        card = await self.model_card(v)
+        filled = request.with_defaults(card.sampling_defaults)
+        return self._caches[v].key(filled, fingerprint=card.fingerprint), card.fingerprint
+
+    def _same_checkpoint(self, v: int, keyed_with: str, answered_by: str | None) -> bool:
+        """Store an answer only under its own checkpoint's key. A replica serving another
+        checkpoint than the card this ingress holds (a rollout to new weights under the same
+        name and version) means the card is stale: it is read again on the next request."""
+        if answered_by == keyed_with:
+            return True
+        self._cards.pop(v, None)
+        return False
 
     async def _send(self, v: int, pinned: bool, request: GenerateRequest, stream: bool) -> tuple[int, Any]:
         """Send the request to version v's deployment once Serve assigns it a replica; returns
@@ -175,9 +200,15 @@ class Ingress:
     async def model_card(self, version: int | None = None) -> ModelCard:
         """The card of a served version (None: the newest, whatever the canary split)."""
         v = self.versions[-1] if version is None else self.resolve_version(version)
-        if v not in self._cards:
-            self._cards[v] = await self._llms[v].model_card.remote()
-        return self._cards[v]
+        read_at, card = self._cards.get(v, (float("-inf"), None))
+        if card is None or time.monotonic() - read_at > CARD_MAX_AGE_S:
+            handle = self._llms[v]
+            response = handle.model_card.remote()
+            if not await assigned(response, handle.deployment_name, self._app_deployments):
+                raise Overloaded(f"model version {v} stopped being served", code="unavailable", retry_after_s=1.0)
+            card = await response
+            self._cards[v] = (time.monotonic(), card)
+        return card
 
     async def metrics(self) -> str:
         """Prometheus text for every replica of the app (this one's counters as of now)."""
@@ -200,11 +231,14 @@ class Ingress:
 
         @app.get("/ready")
         async def ready() -> Any:
-            """Readiness: a model replica is loaded and answers."""
+            """Readiness: a model replica is loaded and answers; 503 with the reason otherwise
+            (loading, or the load's error), at once."""
             try:
-                card = await self._llms[self.versions[-1]].model_card.remote()
-            except Exception:  # noqa: BLE001 - not ready, whatever the reason
-                return JSONResponse({"status": "not ready"}, status_code=503)
+                card = await self.model_card()
+            except Exception as exc:  # noqa: BLE001 - not ready, whatever the reason
+                reason = unwrap(exc)
+                detail = reason.message if isinstance(reason, ShardserveError) else type(reason).__name__
+                return JSONResponse({"status": "not ready", "reason": detail}, status_code=503)
             return {"status": "ready", "model": card.name}
 
         @app.get("/metrics")

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 
 import ray
 from ray.serve.handle import DeploymentHandle
-from transformers import AutoTokenizer
 
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
+from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
@@ -35,12 +35,13 @@ from deployments.types import (
     GenerateRequest,
     GenerateResponse,
     ModelCard,
+    SamplingDefaults,
     TokenLogprob,
 )
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import ModelRunner, SamplingSpec
+from parallel.runner import ModelInfo, ModelRunner, SamplingSpec
 
 logger = logging.getLogger("ray.serve")
 
@@ -51,11 +52,13 @@ class LLMServer:
         startup = StartupClock()
         model_dir = resolve_model_dir(args.model, args.revision)
         startup.lap("resolve_model")
-        self._tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        self._checkpoint = ServedCheckpoint.open(model_dir, args)
+        self._tokenizer = self._checkpoint.tokenizer
         startup.lap("load_tokenizer")
         self._runner = make_runner(args)
-        self._info = self._runner.load()
+        self._info = self._checkpoint.with_stop_ids(self._runner.load())
         startup.lap("load_model")
+        _log_context(self._info, self._checkpoint.sampling_defaults)
         self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
         startup.lap("init_engine")
         self._created = int(time.time())
@@ -86,11 +89,17 @@ class LLMServer:
             weight_bytes=self._info.weight_bytes,
             dtype=self._info.dtype,
             created=self._created,
+            model_window=self._info.model_window,
+            kv_cache_tokens=self._info.num_kv_blocks * self._info.block_size,
+            eos_token_ids=list(self._info.eos_token_ids),
+            sampling_defaults=self._checkpoint.sampling_defaults,
+            fingerprint=self._checkpoint.fingerprint,
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Generate every output of the request and return them whole (the stream, gathered)."""
         check_request(request, self._args.limits)
+        request = request.with_defaults(self._checkpoint.sampling_defaults)
         recorder = StreamRecorder(request.n)
         async for chunk in self.generate_stream(request):
             recorder.add(chunk)
@@ -105,8 +114,10 @@ class LLMServer:
         self._started()
         request_id = _new_request_id()
         check_request(request, self._args.limits)
+        request = request.with_defaults(self._checkpoint.sampling_defaults)
         prompt, prompt_ids, max_tokens = self._prepare(request)
-        first = {"prompt": prompt, "prompt_token_ids": prompt_ids}  # for the ingress's result cache
+        # For the ingress's result cache: what the model read, and which checkpoint answers.
+        first = {"prompt": prompt, "prompt_token_ids": prompt_ids, "model_fingerprint": self._checkpoint.fingerprint}
         if request.echo:
             for i in range(request.n):
                 yield GenerateChunk(
@@ -168,8 +179,7 @@ class LLMServer:
         """Tokenize and check the request against the context window and the limits."""
         limits = self._args.limits
         if request.messages is not None:
-            turns = [{"role": m.role, "content": m.text()} for m in request.messages]
-            prompt = self._tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            prompt = self._checkpoint.render_chat(request.messages)
             prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
         elif request.prompt_token_ids is not None:
             prompt_ids = list(request.prompt_token_ids)
@@ -196,8 +206,9 @@ class LLMServer:
                 code="context_length_exceeded",
             )
         max_tokens = request.max_tokens if request.max_tokens is not None else window - len(prompt_ids)
-        if request.max_tokens is None and limits.max_tokens is not None:
-            max_tokens = min(max_tokens, limits.max_tokens)
+        if request.max_tokens is None:
+            for cap in (limits.max_tokens, self._checkpoint.sampling_defaults.max_tokens):
+                max_tokens = min(max_tokens, cap or max_tokens)
         if len(prompt_ids) + max_tokens > window:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window of {window} tokens",
@@ -212,9 +223,11 @@ class LLMServer:
         """Run the request's n sequences, merge their chunks as they come, enforce the timeout."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
         spec = SamplingSpec(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=max(request.top_k, 0),
+            temperature=request.temperature,  # type: ignore[arg-type]  # set by with_defaults
+            top_p=request.top_p,  # type: ignore[arg-type]
+            top_k=max(request.top_k or 0, 0),
+            min_p=request.min_p,  # type: ignore[arg-type]
+            repetition_penalty=request.repetition_penalty,  # type: ignore[arg-type]
             logprobs=request.logprobs,
         )
         samplings = [(spec, base_seed + i) for i in range(request.n)]
@@ -324,6 +337,26 @@ class LLMServer:
                 yield chunk(delta, None)
                 delta, last_sent = "", now
         yield chunk(delta + text.finish(), "length")
+
+
+def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:
+    """What a user tuning the pool needs at start: the context served and why, and how many
+    sequences of it fit at once (as vLLM logs its maximum concurrency)."""
+    pool_tokens = info.num_kv_blocks * info.block_size
+    logger.info(
+        "context: model window %d tokens, KV pool %d blocks x %d = %d tokens (%.0f MiB; %s) -> max_model_len %d, "
+        "max concurrency at full context %.2fx; EOS ids %s; sampling defaults %s",
+        info.model_window,
+        info.num_kv_blocks,
+        info.block_size,
+        pool_tokens,
+        info.kv_cache_bytes / 2**20,
+        info.kv_sizing,
+        info.max_model_len,
+        pool_tokens / info.max_model_len,
+        list(info.eos_token_ids),
+        defaults.model_dump(exclude_defaults=True) or "none",
+    )
 
 
 def make_runner(args: ShardserveArgs) -> ModelRunner:

@@ -92,4 +92,5 @@ class StreamRecorder:
             prompt_token_ids=first.prompt_token_ids,
             outputs=outputs,
             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated),
+            model_fingerprint=first.model_fingerprint,
         )

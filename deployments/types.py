@@ -7,7 +7,7 @@ routes translate OpenAI and TF-Serving bodies into these, so both paths run the 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,8 +29,35 @@ class ChatMessage(BaseModel):
         return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
 
 
+class SamplingDefaults(BaseModel):
+    """What a request that leaves a sampling field out gets: the served checkpoint's
+    generation_config.json values where it sets them (unless `generation_config: ignore`),
+    OpenAI's neutral values otherwise. Reported on the model card."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = None
+    """generation_config's `max_new_tokens`: the cap on a request that sets no max_tokens."""
+
+    @classmethod
+    def from_generation_config(cls, fields: dict[str, Any]) -> SamplingDefaults:
+        """The values generation_config.json sets (vLLM reads the same ones, and like vLLM this
+        ignores `do_sample`: a checkpoint that names a temperature is sampled with it)."""
+        named = {k: fields[k] for k in _SAMPLING_FIELDS if fields.get(k) is not None}
+        if fields.get("max_new_tokens"):
+            named["max_tokens"] = fields["max_new_tokens"]
+        return cls.model_validate(named)
+
+
 class GenerateRequest(BaseModel):
-    """One prompt (text, token ids, or chat messages) and how to continue it."""
+    """One prompt (text, token ids, or chat messages) and how to continue it. A sampling field
+    left None takes the model's default (its generation_config.json, as vLLM does), see
+    `ModelCard.sampling_defaults`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,11 +69,15 @@ class GenerateRequest(BaseModel):
     """Chat turns, rendered through the model's chat template, instead of `prompt`."""
     max_tokens: int | None = Field(default=None, ge=1)
     """Most tokens to generate; None: up to the end of the context window."""
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     """0 is greedy."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
     """0 or -1: no top-k truncation."""
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Drop tokens less likely than min_p times the most likely one."""
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    """Above 1 discourages tokens already in the prompt or output (transformers' semantics)."""
     seed: int | None = None
     """Makes sampled output reproducible."""
     stop: list[str] = Field(default_factory=list)
@@ -69,6 +100,21 @@ class GenerateRequest(BaseModel):
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
         return self
+
+    def with_defaults(self, defaults: SamplingDefaults) -> GenerateRequest:
+        """This request with every sampling field it left out set from `defaults`: what the
+        engine runs, and what the result cache keys on (its answer depends on them)."""
+        unset = {k: getattr(defaults, k) for k in _SAMPLING_FIELDS if getattr(self, k) is None}
+        return self.model_copy(update=unset) if unset else self
+
+    @property
+    def reproducible(self) -> bool:
+        """Greedy, or sampled with a seed: the same request gives the same answer (only
+        meaningful once `with_defaults` has set the temperature)."""
+        return self.temperature == 0 or self.seed is not None
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class TokenLogprob(BaseModel):
@@ -102,6 +148,8 @@ class GenerateResponse(BaseModel):
     usage: Usage
     cached: bool = False
     """Answered from the result cache."""
+    model_fingerprint: str | None = None
+    """The fingerprint of the checkpoint that generated it (`ModelCard.fingerprint`)."""
 
 
 class GenerateChunk(BaseModel):
@@ -122,6 +170,8 @@ class GenerateChunk(BaseModel):
     """Set on the first chunk of a stream only: the prompt as the model read it."""
     prompt_token_ids: list[int] | None = None
     """Set on the first chunk of a stream only."""
+    model_fingerprint: str | None = None
+    """Set on the first chunk of a stream only: the checkpoint generating it."""
 
 
 class ModelCard(BaseModel):
@@ -137,6 +187,16 @@ class ModelCard(BaseModel):
     created: int
     weight_bytes: int | None = None
     """Memory the weights take in the replica (int8 versions: about a quarter of float32)."""
+    model_window: int | None = None
+    """The model's own context window; `max_model_len` is less when the KV pool holds less."""
+    kv_cache_tokens: int | None = None
+    """Tokens the KV pool holds, all sequences together."""
+    eos_token_ids: list[int] = Field(default_factory=list)
+    """Every id that ends a generation (config.json, generation_config.json, the tokenizer's)."""
+    sampling_defaults: SamplingDefaults = SamplingDefaults()
+    fingerprint: str = ""
+    """Identity of the weights served (source, revision, dtype, weight files): result-cache
+    entries of another checkpoint under the same name and version never match."""
 
 
 class EngineStats(BaseModel):

@@ -26,8 +26,9 @@ from typing import Any
 
 from parallel import model_repository
 from parallel.compression import CompressionSpec, compress, save_compressed
-from parallel.loading import ModelSpec, resolve_model_dir
+from parallel.loading import resolve_model_dir
 from parallel.local_runner import load_hf_model
+from parallel.runner import ModelSpec
 from parallel.validation import DEFAULT_PROMPTS, compare, measure
 
 
@@ -68,14 +69,14 @@ def run(args: argparse.Namespace) -> tuple[bool, dict[str, Any]]:
     texts = args.prompts.read_text().splitlines() if args.prompts else DEFAULT_PROMPTS
     prompts = [tokenizer.encode(t) for t in texts if t.strip()]
     log(f"loading {source_dir}")
-    original, _ = load_hf_model(cpu_spec(source_dir, "float32"))
+    original, _, _ = load_hf_model(cpu_spec(source_dir, "float32"))
     log(f"compressing: {spec.describe()}")
     candidate = copy.deepcopy(original)
     changes = compress(candidate, spec)
     staged = model_repository.staging_dir(args.repo, args.name)
     save_compressed(candidate, source_dir, staged, changes, spec)
     log("loading the result back through the server's loader")
-    loaded, _ = load_hf_model(cpu_spec(staged, spec.dtype or "float32"))
+    loaded, _, _ = load_hf_model(cpu_spec(staged, spec.dtype or "float32"))
     log(f"validating on {len(prompts)} prompts")
     agreement, ll_source, ll_new = compare(original, loaded, prompts)
     source, new = measure(original, source_dir, prompts, ll_source), measure(loaded, staged, prompts, ll_new)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import ray
@@ -25,29 +25,17 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
-from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
-from parallel.paged_model import PagedKVCache
-from parallel.placement import ParallelLayout, check_heads, replica_bundles
+from parallel.kv_sizing import PoolPlan, plan_pool, served_context
+from parallel.loading import ModelLoadError, context_window, eos_token_ids, generation_config, load_model_config
+from parallel.placement import ParallelLayout, ParallelSpec, check_heads, replica_bundles
 from parallel.rank_worker import RankReport, RankWorker
-from parallel.runner import KVCacheSpec, ModelInfo, SampledToken, StepInput, StepOutput
+from parallel.runner import KVCacheSpec, ModelInfo, ModelSpec, SampledToken, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
 
 class RunnerFault(RuntimeError):
     """A rank died, a collective timed out or a step overran: the runner cannot continue."""
-
-
-@dataclass(frozen=True)
-class ParallelSpec:
-    tensor_parallel_size: int
-    pipeline_parallel_size: int
-    cpus_per_rank: float
-    gpus_per_rank: float
-    placement_strategy: str
-    micro_batches: int
-    step_timeout_s: float
-    load_timeout_s: float
 
 
 class DistributedModelRunner:
@@ -71,7 +59,6 @@ class DistributedModelRunner:
             raise ModelLoadError(str(exc)) from None
         self._layout = layout
         window = context_window(hf_config, spec.max_model_len)
-        num_blocks = self._num_blocks(hf_config, layout)
         start = time.monotonic()
         pg, offset = self._placement_group(layout.world_size)
         self._workers = [
@@ -89,11 +76,16 @@ class DistributedModelRunner:
             rendezvous = ray.get(self._workers[0].address.remote(), timeout=par.load_timeout_s)
             self.reports = ray.get(
                 [
-                    w.setup.remote(r, layout, rendezvous, spec, num_blocks, self._kv.block_size, par.step_timeout_s)
+                    w.setup.remote(r, layout, rendezvous, spec, self._kv.block_size, par.step_timeout_s)
                     for r, w in enumerate(self._workers)
                 ],
                 timeout=par.load_timeout_s,
             )
+            plan = self._plan_pool(window)
+            ray.get([w.allocate_kv.remote(plan.num_blocks) for w in self._workers], timeout=par.load_timeout_s)
+        except ModelLoadError:
+            self.shutdown()
+            raise
         except Exception as exc:
             self.shutdown()
             raise ModelLoadError(f"loading {layout.world_size} ranks failed: {type(exc).__name__}: {exc}") from exc
@@ -107,13 +99,16 @@ class DistributedModelRunner:
         )
         return ModelInfo(
             vocab_size=hf_config.vocab_size,
-            max_model_len=window,
-            eos_token_ids=eos_token_ids(hf_config),
+            max_model_len=served_context(window, spec.max_model_len is not None, plan, self._kv.block_size),
+            eos_token_ids=eos_token_ids(hf_config, generation_config(path)),
             num_parameters=_count_parameters(path),
             weight_bytes=sum(r.parameter_bytes for r in self.reports),
             dtype=spec.dtype,
-            num_kv_blocks=num_blocks,
+            num_kv_blocks=plan.num_blocks,
             block_size=self._kv.block_size,
+            model_window=window,
+            kv_cache_bytes=plan.num_blocks * sum(r.kv_bytes_per_block for r in self.reports),
+            kv_sizing=plan.reason,
         )
 
     def step(self, step_input: StepInput) -> StepOutput:
@@ -169,14 +164,21 @@ class DistributedModelRunner:
         pp = self._parallel.pipeline_parallel_size
         return 1 if pp == 1 else max(1, min(self._parallel.micro_batches, num_seqs))
 
-    def _num_blocks(self, hf_config: object, layout: ParallelLayout) -> int:
-        if self._kv.num_blocks:
-            return self._kv.num_blocks
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-        layers = max(b - a for a, b in (layout.stage_layers(s) for s in range(layout.pipeline_parallel_size)))
-        kv_heads = hf_config.num_key_value_heads // layout.tensor_parallel_size
-        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, head_dim, DTYPES[self._spec.dtype])
-        return max(1, self._kv.memory_bytes // per_block)
+    def _plan_pool(self, window: int) -> PoolPlan:
+        """One block count for every rank: the least any rank can hold. Ranks of a replica on
+        one node share its RAM (on cpu), so each is given its part of what is free there."""
+        kv = self._kv
+        frees = [0] * len(self._workers)
+        if not (kv.num_blocks or kv.memory_bytes):
+            refs = [w.free_bytes.remote(kv.max_num_batched_tokens) for w in self._workers]
+            frees = ray.get(refs, timeout=self._parallel.load_timeout_s)
+        on_node = Counter(r.node_id for r in self.reports)
+        shared = self._spec.device != "cuda"  # each rank has a GPU of its own
+        plans = [
+            plan_pool(kv, r.kv_bytes_per_block, window, lambda f=free, n=on_node[r.node_id]: f // n if shared else f)
+            for r, free in zip(self.reports, frees, strict=True)
+        ]
+        return min(plans, key=lambda p: p.num_blocks)
 
     def _placement_group(self, world: int) -> tuple[PlacementGroup, int]:
         """The replica's own group (inside Serve; ranks take bundles 1..N) or one made here."""

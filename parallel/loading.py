@@ -6,15 +6,18 @@ when unpickled, so a directory that has no safetensors is refused rather than fa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from parallel.architectures import UnsupportedArchitecture, architecture_of
 from parallel.builtin_models import ensure_builtin_model, is_builtin
+from parallel.runner import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -25,18 +28,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(RuntimeError):
     """The model cannot be found or loaded; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the model side needs to load a model (built by deployments/config.py)."""
-
-    model: str
-    revision: str | None
-    dtype: str
-    trust_remote_code: bool
-    max_model_len: int | None
-    device: str
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
@@ -100,6 +91,45 @@ def context_window(hf_config: PretrainedConfig, requested: int | None) -> int:
     return window
 
 
-def eos_token_ids(hf_config: PretrainedConfig) -> tuple[int, ...]:
-    eos = hf_config.eos_token_id
-    return tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+def generation_config(path: Path) -> dict[str, Any]:
+    """The checkpoint's generation_config.json, as it ships ({} when it has none). Its EOS list
+    and sampling defaults are often not in config.json (Llama 3 Instruct's turn end, Qwen's
+    repetition penalty)."""
+    file = path / "generation_config.json"
+    if not file.exists():
+        return {}
+    try:
+        fields = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ModelLoadError(f"{file} is not a JSON object")
+    return fields
+
+
+def eos_token_ids(hf_config: PretrainedConfig, generation: dict[str, Any]) -> tuple[int, ...]:
+    """Every id that ends a generation: config.json's and generation_config.json's, in order."""
+    ids: list[int] = []
+    for eos in (hf_config.eos_token_id, generation.get("eos_token_id")):
+        for token in eos if isinstance(eos, list) else [eos]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
+
+
+def weights_fingerprint(path: Path, samples: int = 16, sample_bytes: int = 65536) -> str:
+    """A digest of the checkpoint's weight files that changes when the weights do: each file's
+    name, size and safetensors header, and `samples` evenly spaced slices of its data. Reading
+    a few MiB instead of hashing every byte keeps a 100 GB checkpoint's start fast; a changed
+    checkpoint (another fine-tune, a new quantization) differs in all of these."""
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little") if size >= 8 else 0
+            digest.update(fh.read(min(header_len, size)))
+            for i in range(samples):
+                fh.seek(size * i // samples)
+                digest.update(fh.read(sample_bytes))
+    return digest.hexdigest()

@@ -14,9 +14,18 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
-from parallel.loading import DTYPES, ModelLoadError, ModelSpec, context_window, eos_token_ids, load_model_config
+from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
+from parallel.loading import (
+    DTYPES,
+    ModelLoadError,
+    ModelSpec,
+    context_window,
+    eos_token_ids,
+    generation_config,
+    load_model_config,
+)
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
-from parallel.runner import KVCacheSpec, ModelInfo, StepInput, StepOutput
+from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
 from parallel.validation import weight_bytes
 
@@ -25,9 +34,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig]:
+def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig, Path]:
     """Load the whole model (safetensors only); int8 versions made by `shardserve compress`
-    are rebuilt with Int8Linear layers."""
+    are rebuilt with Int8Linear layers. Returns the model, its config and its directory."""
     path, hf_config = load_model_config(spec)
     try:
         if getattr(hf_config, QUANT_KEY, None):
@@ -36,9 +45,9 @@ def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig]:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
             )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {exc}") from exc
-    return model.to(spec.device).eval(), hf_config
+    except Exception as exc:  # corrupt files, missing tensors, bad configs: one clear error
+        raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {type(exc).__name__}: {exc}") from exc
+    return model.to(spec.device).eval(), hf_config, path
 
 
 def count_weights(model: torch.nn.Module) -> int:
@@ -96,35 +105,47 @@ class LocalModelRunner:
 
     def _load(self) -> ModelInfo:
         start = time.monotonic()
-        model, hf_config = load_hf_model(self._spec)
-        window = context_window(hf_config, self._spec.max_model_len)
+        spec, kv = self._spec, self._kv
+        model, hf_config, path = load_hf_model(spec)
+        window = context_window(hf_config, spec.max_model_len)
         layers, kv_heads, head_dim = kv_shape(model)
-        dtype = DTYPES[self._spec.dtype]
-        per_block = PagedKVCache.bytes_per_block(layers, self._kv.block_size, kv_heads, head_dim, dtype)
-        num_blocks = self._kv.num_blocks or max(1, self._kv.memory_bytes // per_block)
-        cache = PagedKVCache(layers, num_blocks, self._kv.block_size, kv_heads, head_dim, dtype, self._spec.device)
+        dtype = DTYPES[spec.dtype]
+        per_block = PagedKVCache.bytes_per_block(layers, kv.block_size, kv_heads, head_dim, dtype)
+        plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
+        cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
         self._paged = PagedCausalLM(model, cache)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
-            max_model_len=window,
-            eos_token_ids=eos_token_ids(hf_config),
+            max_model_len=served_context(window, spec.max_model_len is not None, plan, kv.block_size),
+            eos_token_ids=eos_token_ids(hf_config, generation_config(path)),
             num_parameters=count_weights(model),
-            dtype=self._spec.dtype,
-            num_kv_blocks=num_blocks,
-            block_size=self._kv.block_size,
+            dtype=spec.dtype,
+            num_kv_blocks=plan.num_blocks,
+            block_size=kv.block_size,
+            model_window=window,
+            kv_cache_bytes=plan.num_blocks * per_block,
+            kv_sizing=plan.reason,
             weight_bytes=weight_bytes(model),
         )
-        logger.info(
-            "loaded %s: %d parameters, %s, %d KV blocks of %d tokens (%.0f MiB), %.2fs",
-            self._spec.model,
-            info.num_parameters,
-            self._spec.dtype,
-            num_blocks,
-            self._kv.block_size,
-            num_blocks * per_block / 2**20,
-            time.monotonic() - start,
-        )
+        logger.info("loaded %s: %d parameters, %s, %.2fs", spec.model, info.num_parameters, spec.dtype, time.monotonic() - start)
         return info
+
+    def _free_bytes(self, model: torch.nn.Module) -> int:
+        """Memory the pool may take: host RAM now, or on cuda what a profiling forward of the
+        largest step leaves (run over a pool just large enough for it, then released)."""
+        if self._spec.device != "cuda":
+            return host_free_bytes()
+        kv, dtype = self._kv, DTYPES[self._spec.dtype]
+        tokens = max(1, kv.max_num_batched_tokens)
+        blocks = -(-tokens // kv.block_size)
+        layers, kv_heads, head_dim = kv_shape(model)
+
+        def profile() -> None:
+            scratch = PagedKVCache(layers, blocks, kv.block_size, kv_heads, head_dim, dtype, self._spec.device)
+            step = StepInput([SequenceStep(0, [0] * tokens, 0, list(range(blocks)), SamplingSpec())])
+            PagedCausalLM(model, scratch).forward(prepare(step, kv.block_size, self._spec.device))
+
+        return cuda_free_bytes_after(profile)
 
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"

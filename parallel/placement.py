@@ -11,6 +11,20 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class ParallelSpec:
+    """How a sharded replica's ranks are laid out, placed and supervised (from the config)."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    cpus_per_rank: float
+    gpus_per_rank: float
+    placement_strategy: str
+    micro_batches: int
+    step_timeout_s: float
+    load_timeout_s: float
+
+
+@dataclass(frozen=True)
 class RankPlacement:
     rank: int
     stage: int

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 
 from parallel.int8_shards import requantize_shards
-from parallel.loading import DTYPES, ModelSpec, load_model_config
+from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
+from parallel.loading import DTYPES, load_model_config
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.placement import ParallelLayout, RankPlacement
-from parallel.runner import StepInput, StepOutput
+from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
 
 
@@ -35,6 +36,8 @@ class RankReport:
     stage: int
     layers: tuple[int, int]
     kv_heads: int
+    kv_bytes_per_block: int
+    node_id: str
     parameter_bytes: int
     peak_rss_bytes: int
     load_seconds: float
@@ -79,10 +82,11 @@ class RankWorker:
         layout: ParallelLayout,
         rendezvous: str,
         spec: ModelSpec,
-        num_blocks: int,
         block_size: int,
         timeout_s: float,
     ) -> RankReport:
+        """Join the group and load this rank's weights; the KV pool comes after, once the
+        driver has chosen a size every rank can hold (`free_bytes`, then `allocate_kv`)."""
         start = time.monotonic()
         placement = layout.rank(rank)
         self._placement, self._layout, self._block_size, self._device = placement, layout, block_size, spec.device
@@ -118,21 +122,45 @@ class RankWorker:
             model = _shard_with_autotp(model, tp_group, layout.tensor_parallel_size, dtype, spec.device)
         if int8_scales:
             requantize_shards(model, int8_scales, tp_group)
-        model = model.to(spec.device)
-        layers, kv_heads, head_dim = kv_shape(model)
-        cache = PagedKVCache(layers, num_blocks, block_size, kv_heads, head_dim, dtype, spec.device)
-        self._paged = PagedCausalLM(model, cache)
+        self._model = model.to(spec.device)
+        self._kv_shape = kv_shape(self._model)
         self._hidden_size = hf_config.hidden_size
         self._dtype = dtype
+        layers, kv_heads, head_dim = self._kv_shape
+        import ray
+
         return RankReport(
             rank=rank,
             stage=placement.stage,
             layers=placement.layers,
             kv_heads=kv_heads,
-            parameter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+            kv_bytes_per_block=PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, dtype),
+            node_id=ray.get_runtime_context().get_node_id(),
+            parameter_bytes=sum(p.numel() * p.element_size() for p in self._model.parameters()),
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             load_seconds=time.monotonic() - start,
         )
+
+    def free_bytes(self, max_num_batched_tokens: int) -> int:
+        """Memory this rank's pool may take: host RAM now; on cuda what a profiling forward of
+        the largest step leaves. Called on every rank at once, like a step (the profile passes
+        activations between stages and all-reduces within them)."""
+        if self._device != "cuda":
+            return host_free_bytes()
+        blocks = -(-max_num_batched_tokens // self._block_size)
+        self._paged = PagedCausalLM(self._model, self._pool(blocks))
+        step = StepInput([SequenceStep(0, [0] * max_num_batched_tokens, 0, list(range(blocks)), SamplingSpec())])
+        try:
+            return cuda_free_bytes_after(lambda: self._run_stage(step))
+        finally:
+            self._paged = None
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        self._paged = PagedCausalLM(self._model, self._pool(num_blocks))
+
+    def _pool(self, num_blocks: int) -> PagedKVCache:
+        layers, kv_heads, head_dim = self._kv_shape
+        return PagedKVCache(layers, num_blocks, self._block_size, kv_heads, head_dim, self._dtype, self._device)
 
     def step(self, step_input: StepInput) -> StepOutput | None:
         """Run this rank's part of one (micro-)batch; the last stage's first rank returns tokens."""

@@ -13,22 +13,50 @@ from typing import Protocol
 
 
 @dataclass(frozen=True)
+class ModelSpec:
+    """What the model side needs to load a model (built by deployments/config.py)."""
+
+    model: str
+    revision: str | None
+    dtype: str
+    trust_remote_code: bool
+    max_model_len: int | None
+    device: str
+
+
+@dataclass(frozen=True)
 class SamplingSpec:
-    """How to pick the next token for one sequence. temperature 0 means greedy."""
+    """How to pick the next token for one sequence. temperature 0 means greedy; the neutral
+    values (top_p 1, top_k 0, min_p 0, repetition_penalty 1) change nothing."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    """Logits of tokens already in the prompt or the output are divided by it when positive,
+    multiplied when negative (as transformers and vLLM do); greedy choices too."""
     logprobs: int | None = None  # number of top alternatives to return; None: no logprobs
 
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """How big the paged KV pool is: an explicit block count, or a memory budget to fill."""
+    """How big the paged KV pool is: an explicit block count, an explicit memory budget, or
+    else `memory_fraction` of the memory free once the weights are loaded (parallel/kv_sizing.py),
+    never more than `max_num_seqs` sequences of the whole context need."""
 
     block_size: int
     num_blocks: int | None
-    memory_bytes: int
+    memory_bytes: int | None
+    memory_fraction: float
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    """Tokens of the largest step: the profiling forward on cuda runs this many."""
+
+    @classmethod
+    def fixed(cls, block_size: int, num_blocks: int) -> KVCacheSpec:
+        """A pool of exactly num_blocks blocks (tests and benchmarks that need a known size)."""
+        return cls(block_size, num_blocks, None, 0.0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,9 @@ class SequenceStep:
     sampling: SamplingSpec
     sample: bool = True
     sample_seed: int = 0
+    penalty_tokens: tuple[int, ...] = ()
+    """The sequence's prompt and output so far, sent only when it samples with a repetition
+    penalty (the runner keeps no per-sequence state between steps)."""
 
 
 @dataclass(frozen=True)
@@ -77,11 +108,19 @@ class ModelInfo:
 
     vocab_size: int
     max_model_len: int
+    """The context length served: the model's window (or the configured max_model_len), or
+    what the KV pool can hold for one sequence when that is less."""
     eos_token_ids: tuple[int, ...]
     num_parameters: int
     dtype: str
     num_kv_blocks: int
     block_size: int
+    model_window: int
+    """The model's own context window (max_position_embeddings, or the configured max_model_len)."""
+    kv_cache_bytes: int
+    """The whole pool's memory, every rank's share summed."""
+    kv_sizing: str
+    """How the pool's size was chosen, in words, for the startup log."""
     weight_bytes: int | None = None
     """Memory held by the weights in this process (None where ranks hold them)."""
 

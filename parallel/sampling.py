@@ -22,14 +22,26 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
-def sample_batch(logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[int], seq_ids: list[int]) -> list[SampledToken]:
-    """Sample one token per logits row.
+def sample_batch(
+    logits: torch.Tensor,
+    specs: list[SamplingSpec],
+    seeds: list[int],
+    seq_ids: list[int],
+    penalty_tokens: list[tuple[int, ...]] | None = None,
+) -> list[SampledToken]:
+    """Sample one token per logits row; `penalty_tokens[i]` are the tokens row i's repetition
+    penalty applies to.
 
-    Log-probabilities are the model's (before temperature and truncation), as vLLM and OpenAI
-    report them.
+    Log-probabilities are the model's (before penalties, temperature and truncation), as vLLM
+    and OpenAI report them.
     """
     logits = logits.float().cpu()  # generators and Python-side sampling live on the CPU
     logprobs = torch.log_softmax(logits, dim=-1)
+    penalized = [i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]]
+    if penalized:
+        logits = logits.clone()  # the forward's output may be this very tensor
+        for i in penalized:
+            _penalize(logits[i], penalty_tokens[i], specs[i].repetition_penalty)  # type: ignore[index]
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, spec in enumerate(specs):
         if spec.temperature >= MIN_TEMPERATURE:
@@ -44,12 +56,22 @@ def sample_batch(logits: torch.Tensor, specs: list[SamplingSpec], seeds: list[in
     return out
 
 
+def _penalize(row: torch.Tensor, seen: tuple[int, ...], penalty: float) -> None:
+    """transformers' and vLLM's repetition penalty, in place: a seen token's positive logit is
+    divided by the penalty, a negative one multiplied (both less likely when penalty > 1)."""
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long)
+    values = row[ids]
+    row[ids] = torch.where(values > 0, values / penalty, values * penalty)
+
+
 def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> int:
     scaled = row / spec.temperature
     if 0 < spec.top_k < scaled.numel():
         kth = torch.topk(scaled, spec.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, dim=-1)
+    if spec.min_p > 0.0:
+        probs = probs.masked_fill(probs < spec.min_p * probs.max(), 0.0)
     if spec.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         cumulative = torch.cumsum(sorted_probs, dim=-1)
@@ -65,5 +87,11 @@ def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
     """Sample for the sequences of a step that want a token (one logits row each, in order)."""
     wanted = [s for s in step_input.seqs if s.sample]
     return StepOutput(
-        tokens=sample_batch(logits, [s.sampling for s in wanted], [s.sample_seed for s in wanted], [s.seq_id for s in wanted])
+        tokens=sample_batch(
+            logits,
+            [s.sampling for s in wanted],
+            [s.sample_seed for s in wanted],
+            [s.seq_id for s in wanted],
+            [s.penalty_tokens for s in wanted],
+        )
     )

@@ -23,9 +23,9 @@ from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel.architectures import supported_names
 from parallel.distributed_runner import DistributedModelRunner
-from parallel.loading import ModelLoadError, ModelSpec, load_model_config
+from parallel.loading import ModelLoadError, load_model_config
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
+from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.shaped_models import write_shaped_checkpoint
 
 from .conftest import wait_until
@@ -45,7 +45,7 @@ WINDOW = 32  # the shrunk sliding window of Mistral and Gemma 3
 SHARED = [11 + (5 * j) % 300 for j in range(2 * 16)]  # two full blocks every prompt starts with
 PROMPTS = [SHARED + [20 + (7 * i + 3 * j) % 400 for j in range(9 + 11 * i)] for i in range(4)]  # 41..74 tokens
 NEW_TOKENS = 16
-KV = KVCacheSpec(block_size=16, num_blocks=256, memory_bytes=0)
+KV = KVCacheSpec.fixed(block_size=16, num_blocks=256)
 assert min(map(len, PROMPTS)) > WINDOW
 
 

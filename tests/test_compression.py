@@ -34,11 +34,11 @@ def test_int8_version_is_smaller_agrees_and_serves(tmp_path: Path) -> None:
     assert report["top1_agreement"] >= 0.9 and report["perplexity_ratio"] < 1.05
     version = model_repository.version_dir(tmp_path, "tiny", 1)
     assert json.loads((version / "compression.json").read_text())["quantize"] == "int8"
-    model, _ = load_hf_model(cpu_spec(version, "float32"))
+    model, _, _ = load_hf_model(cpu_spec(version, "float32"))
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
     assert linears and all(m.weight.dtype == torch.int8 for m in linears)
 
-    runner = LocalModelRunner(cpu_spec(version, "float32"), KVCacheSpec(16, 32, 0))
+    runner = LocalModelRunner(cpu_spec(version, "float32"), KVCacheSpec.fixed(16, 32))
     runner.load()
     out = runner.step(StepInput([SequenceStep(0, [1, 5, 9, 13], 0, [0], SamplingSpec())]))
     assert len(out.tokens) == 1
@@ -48,7 +48,7 @@ def test_int8_version_is_smaller_agrees_and_serves(tmp_path: Path) -> None:
 def test_unstructured_pruning_has_the_requested_sparsity(tmp_path: Path) -> None:
     status, report = compress(tmp_path, "--prune", "0.3", "--min-agreement", "0", "--max-perplexity-ratio", "100")
     assert status == 0 and report["sparsity"] == pytest.approx(0.3, abs=0.001)
-    model, _ = load_hf_model(cpu_spec(model_repository.version_dir(tmp_path, "tiny", 1), "float32"))
+    model, _, _ = load_hf_model(cpu_spec(model_repository.version_dir(tmp_path, "tiny", 1), "float32"))
     for name, linear in target_linears(model).items():
         zeros = int((linear.weight == 0).sum())
         assert zeros == int(0.3 * linear.weight.numel()), name
@@ -62,7 +62,7 @@ def test_structured_pruning_shrinks_the_mlp(tmp_path: Path) -> None:
     config = json.loads((version / "config.json").read_text())
     source_config = json.loads((Path(report["source"]) / "config.json").read_text())
     assert config["intermediate_size"] == source_config["intermediate_size"] - int(0.25 * source_config["intermediate_size"])
-    model, _ = load_hf_model(cpu_spec(version, "float32"))
+    model, _, _ = load_hf_model(cpu_spec(version, "float32"))
     assert model.model.layers[0].mlp.gate_proj.out_features == config["intermediate_size"]
     assert report["new_measures"]["weight_bytes"] < report["source_measures"]["weight_bytes"]
 

@@ -14,9 +14,9 @@ import torch
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from deployments.errors import InvalidRequest, Overloaded
-from parallel.loading import ModelLoadError, ModelSpec, resolve_model_dir
+from parallel.loading import ModelLoadError, resolve_model_dir
 from parallel.local_runner import LocalModelRunner
-from parallel.runner import KVCacheSpec, SamplingSpec
+from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
 GREEDY = SamplingSpec()
@@ -24,7 +24,7 @@ GREEDY = SamplingSpec()
 
 @pytest.fixture(scope="module")
 def loaded():
-    runner = LocalModelRunner(SPEC, KVCacheSpec(block_size=4, num_blocks=512, memory_bytes=0))
+    runner = LocalModelRunner(SPEC, KVCacheSpec.fixed(block_size=4, num_blocks=512))
     return runner, runner.load()
 
 
@@ -167,7 +167,7 @@ def test_missing_local_dir_is_clear() -> None:
 def test_local_directory_loads_like_builtin(loaded) -> None:
     _runner, info = loaded
     directory = str(resolve_model_dir("shardserve/tiny-llama"))
-    other = LocalModelRunner(ModelSpec(directory, None, "float32", False, 256, "cpu"), KVCacheSpec(4, 64, 0))
+    other = LocalModelRunner(ModelSpec(directory, None, "float32", False, 256, "cpu"), KVCacheSpec.fixed(4, 64))
     assert other.load().num_parameters == info.num_parameters
 
 
@@ -177,7 +177,7 @@ def test_unsupported_architecture_is_refused_at_load(tmp_path) -> None:
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
     spec = ModelSpec(str(tmp_path), None, "float32", False, None, "cpu")
     with pytest.raises(ModelLoadError, match=r"architecture \['GPT2LMHeadModel'\] is not supported"):
-        LocalModelRunner(spec, KVCacheSpec(4, 8, 0)).load()
+        LocalModelRunner(spec, KVCacheSpec.fixed(4, 8)).load()
 
 
 class _FailingRunner:

@@ -32,7 +32,7 @@ from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
 from .conftest import TEST_ARGS, wait_until
 
 PROMPTS = [[10 + 7 * i + j for j in range(3 + (i * 5) % 30)] for i in range(16)]
-KV = KVCacheSpec(block_size=16, num_blocks=128, memory_bytes=0)
+KV = KVCacheSpec.fixed(block_size=16, num_blocks=128)
 CONFIGS = [(2, 1), (1, 2), (2, 2)]
 
 

@@ -42,16 +42,17 @@ def answer(text: str = "hello", request_id: str = "r1") -> GenerateResponse:
 
 
 GREEDY = GenerateRequest(prompt="hi", temperature=0, max_tokens=8)
+FP = "checkpoint-a"
 
 
 def test_only_reproducible_requests_get_a_key() -> None:
     cache, _ = make_cache()
-    assert cache.key(GREEDY) is not None
-    assert cache.key(GenerateRequest(prompt="hi", temperature=0.7, seed=3)) is not None
-    assert cache.key(GenerateRequest(prompt="hi", temperature=0.7)) is None  # sampled, no seed
-    assert cache.key(GREEDY.model_copy(update={"cache": False})) is None  # opted out
+    assert cache.key(GREEDY, fingerprint=FP) is not None
+    assert cache.key(GenerateRequest(prompt="hi", temperature=0.7, seed=3), fingerprint=FP) is not None
+    assert cache.key(GenerateRequest(prompt="hi", temperature=0.7), fingerprint=FP) is None  # sampled, no seed
+    assert cache.key(GREEDY.model_copy(update={"cache": False}), fingerprint=FP) is None  # opted out
     off, _ = make_cache(enabled=False)
-    assert off.key(GREEDY) is None
+    assert off.key(GREEDY, fingerprint=FP) is None
 
 
 def test_every_answer_changing_field_changes_the_key() -> None:
@@ -68,20 +69,27 @@ def test_every_answer_changing_field_changes_the_key() -> None:
         GREEDY.model_copy(update={"echo": True}),
         GREEDY.model_copy(update={"n": 2}),
         GREEDY.model_copy(update={"ignore_eos": True}),
+        GREEDY.model_copy(update={"repetition_penalty": 1.05}),
+        GREEDY.model_copy(update={"top_k": 20}),
+        GREEDY.model_copy(update={"min_p": 0.1}),
     ]
-    keys = [cache.key(v) for v in variants]
+    keys = [cache.key(v, fingerprint=FP) for v in variants]
     assert len(set(keys)) == len(variants)
-    assert cache.key(GREEDY, tenant="a") != cache.key(GREEDY, tenant="b") != cache.key(GREEDY)
+    tenants = [cache.key(GREEDY, fingerprint=FP, tenant=t) for t in ("a", "b", None)]
+    assert len(set(tenants)) == 3
     other_version = ResultCache(ResultCacheConfig(), "m", 2, Events())
     other_model = ResultCache(ResultCacheConfig(), "n", 1, Events())
-    assert len({cache.key(GREEDY), other_version.key(GREEDY), other_model.key(GREEDY)}) == 3
+    scopes = [c.key(GREEDY, fingerprint=FP) for c in (cache, other_version, other_model)]
+    assert len(set(scopes)) == 3
+    # Another checkpoint served under the same name and version: never the same entry.
+    assert cache.key(GREEDY, fingerprint="checkpoint-b") != cache.key(GREEDY, fingerprint=FP)
     # `cache` says how to serve the request, not what the answer is: it is not in the key.
-    assert cache.key(GREEDY) == make_cache()[0].key(GREEDY.model_copy())
+    assert cache.key(GREEDY, fingerprint=FP) == make_cache()[0].key(GREEDY.model_copy(), fingerprint=FP)
 
 
 async def test_hit_miss_and_fresh_request_id() -> None:
     cache, events = make_cache()
-    key = cache.key(GREEDY)
+    key = cache.key(GREEDY, fingerprint=FP)
     assert await cache.lookup(key) is None
     await cache.store(key, answer())
     hit = await cache.lookup(key)
@@ -108,13 +116,13 @@ async def test_memory_bytes_stay_bounded_over_many_unique_prompts() -> None:
     cache, _ = make_cache(max_bytes=200_000, max_entries=100_000)
     for i in range(10_000):
         request = GenerateRequest(prompt=f"prompt {i}", temperature=0)
-        await cache.store(cache.key(request), answer(text=f"answer {i}"))
+        await cache.store(cache.key(request, fingerprint=FP), answer(text=f"answer {i}"))
     assert 0 < cache.backend.bytes <= 200_000
 
 
 async def test_entries_expire_after_ttl() -> None:
     cache, _ = make_cache(ttl_s=0.05)
-    key = cache.key(GREEDY)
+    key = cache.key(GREEDY, fingerprint=FP)
     await cache.store(key, answer())
     assert await cache.lookup(key) is not None
     await asyncio.sleep(0.1)
@@ -123,7 +131,7 @@ async def test_entries_expire_after_ttl() -> None:
 
 async def test_oversized_answers_are_not_stored() -> None:
     cache, _ = make_cache(max_entry_bytes=256)
-    key = cache.key(GREEDY)
+    key = cache.key(GREEDY, fingerprint=FP)
     await cache.store(key, answer(text="z" * 1000))
     assert await cache.lookup(key) is None
 
@@ -152,7 +160,7 @@ async def test_redis_backend_shares_entries_between_caches(redis_url: str) -> No
     writer, _ = make_cache(url=redis_url)
     reader, events = make_cache(url=redis_url)  # another ingress replica, or one restarted
     request = GenerateRequest(prompt=f"shared {free_port()}", temperature=0)
-    key = writer.key(request)
+    key = writer.key(request, fingerprint=FP)
     await writer.store(key, answer(text="from redis"))
     hit = await reader.lookup(key)
     assert hit is not None and hit.outputs[0].text == "from redis"
@@ -169,7 +177,7 @@ async def test_redis_down_or_slow_means_uncached_not_failed(kind: str) -> None:
         listener = socket.create_server(("127.0.0.1", port))
         threading.Thread(target=lambda: (listener.accept(), stop.wait()), daemon=True).start()
     cache, events = make_cache(url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.05)
-    key = cache.key(GREEDY)
+    key = cache.key(GREEDY, fingerprint=FP)
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert await cache.lookup(key) is None

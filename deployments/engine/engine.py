@@ -155,6 +155,7 @@ class LLMEngine:
     def _feed(s: Scheduled) -> SequenceStep:
         seq = s.seq
         assert seq.table is not None
+        penalized = s.samples and seq.sampling.repetition_penalty != 1.0
         return SequenceStep(
             seq_id=seq.seq_id,
             token_ids=seq.tokens(s.start, s.start + s.num_tokens),
@@ -163,6 +164,7 @@ class LLMEngine:
             sampling=seq.sampling,
             sample=s.samples,
             sample_seed=seq.step_seed(),
+            penalty_tokens=(*seq.prompt_ids, *seq.output_ids) if penalized else (),
         )
 
     def _apply(self, batch: list[Scheduled], output: StepOutput) -> None:

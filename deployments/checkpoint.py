@@ -1,0 +1,72 @@
+"""What a replica knows about the checkpoint it serves, beyond the weights: its tokenizer and
+chat template, every id that ends a generation, its generation_config.json sampling defaults,
+and an identity that changes when the weights do.
+
+Checkpoints ship these in several files that disagree: Llama 3 Instruct's config.json named one
+EOS while generation_config.json and the tokenizer named the turn end too; Qwen2.5 sets its
+sampling defaults only in generation_config.json; a base checkpoint has no chat template. The
+replica takes the union of the EOS ids, applies the defaults where a request leaves a field out
+(as vLLM does), and refuses a chat request it cannot render with a 400 that says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from deployments.config import ShardserveArgs
+from deployments.errors import InvalidRequest
+from deployments.types import ChatMessage, SamplingDefaults
+from parallel.loading import generation_config, weights_fingerprint
+from parallel.runner import ModelInfo
+
+
+@dataclass(frozen=True)
+class ServedCheckpoint:
+    tokenizer: PreTrainedTokenizerBase
+    sampling_defaults: SamplingDefaults
+    fingerprint: str
+    generation: dict[str, Any]
+    """generation_config.json as shipped ({} without one)."""
+
+    @classmethod
+    def open(cls, model_dir: Path, args: ShardserveArgs) -> ServedCheckpoint:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=args.trust_remote_code)
+        generation = generation_config(model_dir)
+        use = args.generation_config == "auto"
+        defaults = SamplingDefaults.from_generation_config(generation) if use else SamplingDefaults()
+        # The directory's name is the commit of a hub snapshot; the weights' digest covers the rest
+        # (an absolute path would keep replicas with different cache roots from sharing entries).
+        identity = f"{args.model}\0{args.revision}\0{model_dir.name}\0{args.dtype}\0{weights_fingerprint(model_dir)}"
+        return cls(tokenizer, defaults, hashlib.sha256(identity.encode()).hexdigest()[:16], generation)
+
+    def with_stop_ids(self, info: ModelInfo) -> ModelInfo:
+        """The runner's ModelInfo with the tokenizer's EOS added to the checkpoint's."""
+        ids = list(info.eos_token_ids)
+        eos = self.tokenizer.eos_token_id
+        if isinstance(eos, int) and eos not in ids:
+            ids.append(eos)
+        return dataclasses.replace(info, eos_token_ids=tuple(ids))
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        """The prompt text the model's own chat template makes of the turns, with the assistant's
+        turn opened. InvalidRequest (400) when the checkpoint has no template, or when the
+        template refuses the turns (Mistral and Gemma templates raise on a misplaced role)."""
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest(
+                "this model has no chat template (a base checkpoint?): use /v1/completions with a prompt, "
+                "or serve a checkpoint whose tokenizer_config.json has a chat_template",
+                param="messages",
+                code="no_chat_template",
+            )
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:
+            raise InvalidRequest(f"the model's chat template refused the messages: {exc}", param="messages") from None
