@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from deployments.config import ShardserveArgs
 from deployments.errors import InvalidRequest
 from deployments.types import ChatMessage, SamplingDefaults
-from parallel.loading import generation_config, weights_fingerprint
+from parallel.loading import checkpoint_fingerprint, generation_config
 from parallel.runner import ModelInfo
 
 
@@ -41,9 +41,10 @@ class ServedCheckpoint:
         generation = generation_config(model_dir)
         use = args.generation_config == "auto"
         defaults = SamplingDefaults.from_generation_config(generation) if use else SamplingDefaults()
-        # The directory's name is the commit of a hub snapshot; the weights' digest covers the rest
+        # The directory's name is the commit of a hub snapshot; the files' digest covers the rest
         # (an absolute path would keep replicas with different cache roots from sharing entries).
-        identity = f"{args.model}\0{args.revision}\0{model_dir.name}\0{args.dtype}\0{weights_fingerprint(model_dir)}"
+        parts = [args.model, args.revision, model_dir.name, args.dtype, args.generation_config, checkpoint_fingerprint(model_dir)]
+        identity = "\0".join(str(p) for p in parts)
         return cls(tokenizer, defaults, hashlib.sha256(identity.encode()).hexdigest()[:16], generation)
 
     def with_stop_ids(self, info: ModelInfo) -> ModelInfo:

@@ -117,12 +117,15 @@ def eos_token_ids(hf_config: PretrainedConfig, generation: dict[str, Any]) -> tu
     return tuple(ids)
 
 
-def weights_fingerprint(path: Path, samples: int = 16, sample_bytes: int = 65536) -> str:
-    """A digest of the checkpoint's weight files that changes when the weights do: each file's
-    name, size and safetensors header, and `samples` evenly spaced slices of its data. Reading
-    a few MiB instead of hashing every byte keeps a 100 GB checkpoint's start fast; a changed
-    checkpoint (another fine-tune, a new quantization) differs in all of these."""
+def checkpoint_fingerprint(path: Path, samples: int = 16, sample_bytes: int = 65536) -> str:
+    """A digest of what in the checkpoint changes an answer: every config, tokenizer and
+    template file (`*.json`, `*.jinja`, `*.model`) whole, and of each weight file its name, size,
+    safetensors header and `samples` evenly spaced slices of its data. Reading a few MiB instead
+    of every byte keeps a 100 GB checkpoint's start fast; another fine-tune or quantization
+    differs in all of these."""
     digest = hashlib.sha256()
+    for file in sorted(p for pattern in ("*.json", "*.jinja", "*.model") for p in path.glob(pattern)):
+        digest.update(f"{file.name}:".encode() + file.read_bytes())
     for file in sorted(path.glob("*.safetensors")):
         size = file.stat().st_size
         digest.update(f"{file.name}:{size}".encode())

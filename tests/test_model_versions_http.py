@@ -148,54 +148,42 @@ def test_canary_split_and_a_rollout_under_load(server: str, tmp_path: Path) -> N
 
 
 def test_a_request_waiting_for_a_version_a_redeploy_drops_is_served_by_the_newest(server: str, tmp_path: Path) -> None:
-    """Serve leaves a call queued for a deployment with no replica even after a redeploy deletes
-    that deployment; the ingress notices the version left the app and sends the request to the
-    newest version, instead of holding it until the old ingress is killed (a 500)."""
+    """Serve leaves a call queued for a deployment even after a redeploy deletes it; the ingress
+    notices the version left the app and sends the request to the newest version, instead of
+    holding it until the old ingress is killed (a 500). Version 1 takes one request at a time
+    and is kept busy, so the next one waits for it in Serve's queue; version 2 is pruned, so
+    the two answer differently and the test tells which one served."""
     from ray import serve
 
     from deployments.app import bind_app, build_app
     from deployments.config import ShardserveArgs
     from deployments.types import GenerateRequest
 
-    for _ in range(2):
-        assert shardserve_cli(["compress", "shardserve/tiny-llama", "--repo", str(tmp_path), "--name", "tiny"]) == 0
+    assert shardserve_cli(["compress", "shardserve/tiny-llama", "--repo", str(tmp_path), "--name", "tiny"]) == 0
+    pruned = ["--prune", "0.6", "--min-agreement", "0", "--max-perplexity-ratio", "1000"]
+    assert shardserve_cli(["compress", "shardserve/tiny-llama", "--repo", str(tmp_path), "--name", "tiny", *pruned]) == 0
     base = {k: v for k, v in TEST_ARGS.items() if k not in ("model", "served_model_name")}
     repo = {"base_path": str(tmp_path), "name": "tiny", "version_policy": "all", "traffic": {1: 1.0}}
-    # Version 1 asks for a resource no node has: its replica never starts, unversioned requests wait for it.
-    unplaceable = {1: {"ray_actor_options": {"num_cpus": 1, "resources": {"no_such_node": 1}}}}
-    app = bind_app(ShardserveArgs.model_validate({**base, "repository": repo}), version_overrides=unplaceable)
-    serve.run_many([serve.RunTarget(app, name="dropped", route_prefix="/dropped")], wait_for_applications_running=False)
+    one_at_a_time = {1: {"max_ongoing_requests": 1}}
+    app = bind_app(ShardserveArgs.model_validate({**base, "repository": repo}), version_overrides=one_at_a_time)
+    serve.run(app, name="dropped", route_prefix="/dropped")
     try:
-
-        def healthy(*names: str) -> bool:
-            app_status = serve.status().applications.get("dropped")
-            return app_status is not None and all(
-                getattr(app_status.deployments.get(n), "status", None) == "HEALTHY" for n in names
-            )
-
-        wait_until(lambda: healthy("Ingress", "LLMServer"), timeout_s=120, interval_s=0.5)
-        request = GenerateRequest(prompt="Dropped", max_tokens=4, temperature=0)
-        waiting = serve.get_app_handle("dropped").generate.remote(request)
+        handle = serve.get_app_handle("dropped")
+        request = GenerateRequest(prompt="Dropped", max_tokens=4, temperature=0, cache=False)
+        by_version = {v: handle.generate.remote(request, version=v).result(timeout_s=60).outputs[0].text for v in (1, 2)}
+        assert by_version[1] != by_version[2]
+        busy = GenerateRequest(prompt="Busy", max_tokens=1000, n=4, ignore_eos=True, temperature=0, cache=False)
+        holding = handle.options(stream=True).generate_stream.remote(busy)
+        next(holding)  # version 1 is generating it, and takes no other request until it ends
+        waiting = handle.generate.remote(request)
         with pytest.raises(TimeoutError):
-            waiting.result(timeout_s=3)  # queued for version 1
+            waiting.result(timeout_s=0.5)  # queued behind the busy request of version 1
 
         policy = {"base_path": str(tmp_path), "name": "tiny", "version_policy": "specific", "versions": [2]}
         serve.run(build_app({**base, "repository": policy}), name="dropped", route_prefix="/dropped")
         answer = waiting.result(timeout_s=60)
-        again = serve.get_app_handle("dropped").generate.remote(request).result(timeout_s=60)
-        assert answer.usage.completion_tokens == 4
-        assert [o.text for o in answer.outputs] == [o.text for o in again.outputs]
+        assert answer.outputs[0].text == by_version[2]
+        finished = [chunk.finish_reason for chunk in holding if chunk.finish_reason]
+        assert finished == ["length"] * 4  # the drained version finished what it had
     finally:
-        _kill_unplaced_replicas("dropped#LLMServer-v1")
         serve.delete("dropped")
-
-
-def _kill_unplaced_replicas(prefix: str) -> None:
-    """Serve cannot stop a replica whose actor was never placed (it waits for it forever, and
-    so does the app's deletion): kill it, as an operator would."""
-    import ray
-    from ray._private import state as gcs_state
-
-    for actor in gcs_state.actors().values():
-        if actor["Name"].startswith(f"SERVE_REPLICA::{prefix}") and actor["State"] != "DEAD":
-            ray.kill(ray.get_actor(actor["Name"], namespace="serve"), no_restart=True)

@@ -1,0 +1,130 @@
+"""The first hour, run as a new user runs it: `serve run` in one terminal, everything else in
+another process (`serve status`, README's Python handle example), and one's own checkpoint
+started in one line with Ray Serve's builder arguments.
+
+These start their own Ray (through `serve run`, as a user does), so they run before the
+session's shared cluster exists; every server started here is stopped by its process id.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from parallel.shaped_models import write_shaped_checkpoint
+
+from .conftest import free_port, wait_until
+from .test_readme_examples import EXAMPLES
+
+pytestmark = pytest.mark.own_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServeRun:
+    """`serve run ...` in a process group of its own, its console captured to a file."""
+
+    def __init__(self, args: list[str], log: Path, port: int) -> None:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        self.log = log
+        self.base = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # a fresh terminal
+        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        self.env = env
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(["serve", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT, start_new_session=True)  # fmt: skip
+        wait_until(self._ready, timeout_s=300, interval_s=1)
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"serve run exited with {self.proc.returncode}:\n{self.console()[-3000:]}")
+        try:
+            return httpx.get(f"{self.base}/ready", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def console(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Ctrl-C, as a user stops it (Serve shuts down, then the Ray it started)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+class TestTheEmbeddedDefault:
+    @pytest.fixture(scope="class")
+    def default(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+        """serve_config.yaml as it ships, on a free port."""
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        port = free_port()
+        config["http_options"]["port"] = port
+        tmp = tmp_path_factory.mktemp("first-hour")
+        (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config))
+        run = ServeRun([str(tmp / "serve_config.yaml")], tmp / "console.log", port)
+        yield run
+        run.stop()
+
+    def test_serve_status_in_a_second_terminal(self, default: ServeRun) -> None:
+        """As the README says: token mode on for Ray's CLI, since Ray turned token auth on."""
+        out = subprocess.run(["serve", "status"], capture_output=True, text=True, timeout=120,
+                             env={**default.env, "RAY_AUTH_MODE": "token"})  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        status = yaml.safe_load(out.stdout)
+        assert status["applications"]["shardserve"]["status"] == "RUNNING"
+        assert status["applications"]["shardserve"]["deployments"]["LLMServer"]["replica_states"] == {"RUNNING": 1}
+
+    def test_readme_handle_example_in_a_second_process(self, default: ServeRun) -> None:
+        out = subprocess.run([sys.executable, "-c", EXAMPLES["handle"]], capture_output=True, text=True, timeout=120,
+                             env=default.env, cwd=ROOT)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "completion_tokens=16" in out.stdout, out.stdout
+        assert "ServeReplica" not in out.stdout + out.stderr  # the replicas' logs stay in serve run's console
+
+    def test_internal_calls_do_not_flood_the_console(self, default: ServeRun) -> None:
+        """Replicas push their metrics to the hub every couple of seconds; none of it is logged."""
+        r = httpx.post(f"{default.base}/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 200
+
+        def pushed() -> bool:  # the hub shows the replica's counters only once it has pushed them
+            text = httpx.get(f"{default.base}/metrics", timeout=10).text
+            return bool(re.search(r'^shardserve:generation_tokens_total\{[^}]*\} [1-9]', text, flags=re.M))
+
+        wait_until(pushed, timeout_s=60, interval_s=0.5)
+        console = default.console()
+        assert "CALL push" not in console, [line for line in console.splitlines() if "CALL push" in line][:3]
+
+
+def test_own_checkpoint_in_one_line(tmp_path: Path) -> None:
+    """`serve run deployments.app:build_app model=...` with dotted nested fields; Serve listens
+    on its default port, 8000."""
+    if free_port(8000) != 8000:
+        pytest.fail("port 8000 is taken: the one-line start listens there (Serve's default)")
+    model = write_shaped_checkpoint("qwen2.5-7b-instruct", tmp_path / "Qwen2.5-7B-Instruct")
+    run = ServeRun(["deployments.app:build_app", f"model={model}", "served_model_name=byo", "engine.max_num_seqs=4"],
+                   tmp_path / "console.log", 8000)  # fmt: skip
+    try:
+        (card,) = httpx.get(f"{run.base}/v1/models", timeout=30).json()["data"]
+        assert card["id"] == "byo" and card["max_model_len"] == 32768
+        chat = {"model": "byo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+        answer = httpx.post(f"{run.base}/v1/chat/completions", json=chat, timeout=60).json()
+        assert answer["usage"]["completion_tokens"] == 4, answer
+        assert "max_num_seqs=4 sequences of 32768 tokens" in run.console()  # the nested field reached the engine
+    finally:
+        run.stop()
