@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
@@ -41,6 +42,7 @@ class AppDeployments:
     every second; it is read only to count the replicas of a deployment that is not serving."""
 
     def __init__(self, max_age_s: float = 2.0, unhealthy_max_age_s: float = 0.5) -> None:
+        self._served: set[str] = set()
         self._max_age_s = max_age_s
         self._unhealthy_max_age_s = unhealthy_max_age_s
         self._statuses: dict[str, tuple[str, str]] = {}  # name -> (status, message)
@@ -55,13 +57,28 @@ class AppDeployments:
 
     async def unavailable(self, name: str) -> Overloaded | None:
         """Why `name` cannot take a request now, as a 503 to answer with: no replica of it runs
-        because the model is loading or failed to load. None while it serves (or has left the
-        app, which `contains` tells)."""
+        and none ever has (the model is loading), or its load fails. None while it serves, while
+        a deployment that has served waits for a replacement or a rolling update's new replica
+        (Serve stops the old replica before it starts the new one: those requests wait, as Serve
+        has them do), or once it has left the app (which `contains` tells)."""
         await self._refresh()
         status, message = self._statuses.get(name, ("HEALTHY", ""))
         if status in _SERVING or await self._running_replicas(name) > 0:
+            self._served.add(name)
+            return None
+        failing = status == "DEPLOY_FAILED" or bool(_last_error_line(message))
+        if not failing and await self._has_served(name):
             return None
         return unavailable_error(status, message)
+
+    def mark_served(self, name: str) -> None:
+        """A call to `name` was assigned to a replica: it runs."""
+        self._served.add(name)
+
+    async def _has_served(self, name: str) -> bool:
+        if name not in self._served and await asyncio.to_thread(has_served, serve.get_replica_context().app_name, name):
+            self._served.add(name)
+        return name in self._served
 
     async def _refresh(self) -> None:
         async with self._lock:
@@ -83,6 +100,32 @@ class AppDeployments:
                 self._running = {n: d.replica_states.get("RUNNING", 0) for n, d in deployments.items()}
                 self._running_read_at = time.monotonic()
             return self._running.get(name, 0)
+
+
+_SERVED_NAMESPACE = "shardserve"
+
+
+def record_served(app: str, deployment: str) -> None:
+    """Called by a model replica once its model is loaded: this deployment has served. Kept in
+    the cluster's GCS key-value store, because a redeploy replaces every replica of the app,
+    the ingress included: a new ingress must still tell a rolling update's gap (old replica
+    stopped, new one loading: wait, as Serve has requests do) from a first load (answer 503).
+    Ray has no public key-value API; `ray.experimental.internal_kv` is what Ray's own libraries
+    use for such cluster-wide flags. A deployment deleted and created again under the same name
+    counts as having served: its first load then waits, as before this check existed."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    _internal_kv_put(_served_key(app, deployment), b"1", namespace=_SERVED_NAMESPACE)
+
+
+def has_served(app: str, deployment: str) -> bool:
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    return bool(_internal_kv_exists(_served_key(app, deployment), namespace=_SERVED_NAMESPACE))
+
+
+def _served_key(app: str, deployment: str) -> str:
+    return f"served:{app}:{deployment}"
 
 
 def unavailable_error(status: str, message: str) -> Overloaded:
@@ -129,6 +172,7 @@ async def assigned(
                     assignment.result()
                 except DeploymentUnavailableError:  # failed to deploy: say why
                     raise (await app.unavailable(deployment) or unavailable_error("DEPLOY_FAILED", "")) from None
+                app.mark_served(deployment)
                 return True
             if not await app.contains(deployment):
                 response.cancel()
@@ -212,3 +256,18 @@ class PlacedCalls:
             return False
         window_s = self._empty_window_s if 2 * self.count < self._free_needed else self._window_s
         return time.monotonic() - first_sent_at < window_s
+
+
+@contextmanager
+def serve_refusals_as_503() -> Iterator[None]:
+    """Serve's own refusals (its queue in front of the replicas is full, or no replica is up),
+    and a replica that died under the request, become our typed 503, with the same error body
+    and Retry-After as the engine's: each is worth retrying."""
+    try:
+        yield
+    except (ActorDiedError, ActorUnavailableError) as exc:
+        raise Overloaded("the model replica serving this request failed", code="replica_failed", retry_after_s=1.0) from exc
+    except BackPressureError as exc:
+        raise Overloaded("server is overloaded: request queue is full", code="queue_full", retry_after_s=1.0) from exc
+    except DeploymentUnavailableError as exc:
+        raise Overloaded("no model replica is available", code="unavailable", retry_after_s=5.0) from exc

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,28 +18,23 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.api import openai_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, PlacedCalls, assigned, cancelled_unless_finished
+from deployments.assignment import AppDeployments, PlacedCalls, cancelled_unless_finished, serve_refusals_as_503
 from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded, ShardserveError
 from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
+from deployments.model_cards import ModelCards
 from deployments.streams import StreamRecorder
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
 
 logger = logging.getLogger("ray.serve")
-
-CARD_MAX_AGE_S = 5.0
-"""How long a model card (fingerprint, sampling defaults) is trusted: a replica restarted on other
-weights at the same path is seen within this, and the result cache then keys on its fingerprint."""
-
 
 @serve.ingress()
 class Ingress:
@@ -59,11 +52,11 @@ class Ingress:
         self._args = args
         self.model_name = args.model_name
         self.max_prompts = args.limits.max_prompts
-        self._cards: dict[int, tuple[float, ModelCard]] = {}  # version -> (read at, card)
         self._metrics = IngressMetrics(args.model_name)
         self._caches = {v: ResultCache(args.cache, args.model_name, v, self._metrics) for v in self.versions}
         self._hub = metrics_hub
         self._app_deployments = AppDeployments()
+        self._cards = ModelCards(self._llms, self._app_deployments)
         self._placed = PlacedCalls(args.engine.replica_capacity, args.engine.router_queue_size)
         self._pusher = (
             MetricsPusher(metrics_hub, *replica_identity(), self._metrics.registry, lambda: None) if metrics_hub else None
@@ -102,7 +95,7 @@ class Ingress:
             return hit
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503():
+                with serve_refusals_as_503():
                     served, pending = await self._send(v, version is not None, request, stream=False)
                     with self._placed.held():
                         response = await pending
@@ -129,7 +122,7 @@ class Ingress:
         started = False
         for attempt in range(self._args.faults.retries_on_replica_failure + 1):
             try:
-                with _overload_as_503():
+                with serve_refusals_as_503():
                     served, stream = await self._send(v, version is not None, request, stream=True)
                     with self._placed.held(), cancelled_unless_finished(stream):
                         async for chunk in stream:
@@ -163,18 +156,26 @@ class Ingress:
         name and version) means the card is stale: it is read again on the next request."""
         if answered_by == keyed_with:
             return True
-        self._cards.pop(v, None)
+        self._cards.forget(v)
         return False
 
     async def _send(self, v: int, pinned: bool, request: GenerateRequest, stream: bool) -> tuple[int, Any]:
         """Send the request to version v's deployment once Serve assigns it a replica; returns
         the version that took it and the (streaming) response. A request that named no version
-        and waited for one that a redeploy stopped serving goes to the newest version instead;
-        one that named it gets a 503 (a retry reaches the new config)."""
-        for target in dict.fromkeys([v] if pinned else [v, self.versions[-1]]):
+        and waited for one that a redeploy stopped serving, or that is still loading (a canary
+        just added), goes to the newest version instead; one that named it gets a 503 (a retry
+        reaches the new config, or the loaded model)."""
+        targets = list(dict.fromkeys([v] if pinned else [v, self.versions[-1]]))
+        for i, target in enumerate(targets):
             handle = self._llms[target]
             call = handle.options(stream=True).generate_stream if stream else handle.generate
-            placed, response = await self._placed.place(call.remote, request, handle.deployment_name, self._app_deployments)
+            try:
+                placed, response = await self._placed.place(call.remote, request, handle.deployment_name, self._app_deployments)
+            except Overloaded as exc:
+                if exc.code not in ("model_loading", "model_load_failed") or i == len(targets) - 1:
+                    raise
+                logger.warning("model version %d cannot serve yet (%s); sending to version %d", target, exc.message, targets[-1])
+                continue
             if placed:
                 return target, response
             logger.warning("model version %d left the app while this request waited for it", target)  # Serve adds the id
@@ -200,15 +201,7 @@ class Ingress:
     async def model_card(self, version: int | None = None) -> ModelCard:
         """The card of a served version (None: the newest, whatever the canary split)."""
         v = self.versions[-1] if version is None else self.resolve_version(version)
-        read_at, card = self._cards.get(v, (float("-inf"), None))
-        if card is None or time.monotonic() - read_at > CARD_MAX_AGE_S:
-            handle = self._llms[v]
-            response = handle.model_card.remote()
-            if not await assigned(response, handle.deployment_name, self._app_deployments):
-                raise Overloaded(f"model version {v} stopped being served", code="unavailable", retry_after_s=1.0)
-            card = await response
-            self._cards[v] = (time.monotonic(), card)
-        return card
+        return await self._cards.get(v)
 
     async def metrics(self) -> str:
         """Prometheus text for every replica of the app (this one's counters as of now)."""
@@ -253,18 +246,3 @@ class Ingress:
             app.add_middleware(ApiKeyAuth, keys=load_keys(self._args.auth))
         app.add_middleware(HttpMetrics, record=self._metrics.http_request)
         return app
-
-
-@contextmanager
-def _overload_as_503() -> Iterator[None]:
-    """Serve's own refusals (its queue in front of the replicas is full, or no replica is up),
-    and a replica that died under the request, become our typed 503, with the same error body
-    and Retry-After as the engine's: each is worth retrying."""
-    try:
-        yield
-    except (ActorDiedError, ActorUnavailableError) as exc:
-        raise Overloaded("the model replica serving this request failed", code="replica_failed", retry_after_s=1.0) from exc
-    except BackPressureError as exc:
-        raise Overloaded("server is overloaded: request queue is full", code="queue_full", retry_after_s=1.0) from exc
-    except DeploymentUnavailableError as exc:
-        raise Overloaded("no model replica is available", code="unavailable", retry_after_s=5.0) from exc

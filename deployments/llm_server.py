@@ -16,8 +16,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import ray
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.assignment import record_served
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
@@ -62,6 +64,8 @@ class LLMServer:
         self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
         startup.lap("init_engine")
         self._created = int(time.time())
+        context = serve.get_replica_context()
+        record_served(context.app_name, context.deployment)  # see deployments.assignment
         self._metrics = EngineMetrics(args.model_name, self._engine.counters)
         self._metrics.startup(startup.phases)
         logger.info("replica ready: %s", ", ".join(f"{k}={v:.2f}s" for k, v in startup.phases.items()))
@@ -79,6 +83,7 @@ class LLMServer:
     # ---- Python API -------------------------------------------------------------------------
 
     async def model_card(self) -> ModelCard:
+        self._started()  # the ingress asks for the card first: from then on the hub hears from this replica
         return ModelCard(
             name=self._args.model_name,
             version=self._args.model_version,

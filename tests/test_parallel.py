@@ -183,7 +183,7 @@ async def http_texts(base: str) -> list[str]:
         responses = await asyncio.gather(
             *(client.post("/v1/completions", json={"prompt": p, "max_tokens": 12, "temperature": 0}) for p in PROMPTS)
         )
-    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     return [r.json()["choices"][0]["text"] for r in responses]
 
 
@@ -281,3 +281,11 @@ def test_unplaceable_sharded_app_fails_to_build_naming_the_resource(ray_cluster)
         {**TEST_ARGS, "tensor_parallel_size": 2, "parallel": {"cpus_per_rank": 64, "allow_pending_placement": True}}
     )
     bind_app(pending)  # builds; the replica would wait for nodes to join
+
+
+def test_unsharded_cuda_replica_without_a_gpu_fails_to_build_naming_it(ray_cluster) -> None:
+    """device: cuda at tp=pp=1 reserves a GPU for the replica, checked when the app is built."""
+    args = {**TEST_ARGS, "device": "cuda", "dtype": "bfloat16"}
+    with pytest.raises(ValueError, match=r"GPU 1 \(largest available 0\)"):
+        bind_app(ShardserveArgs.model_validate(args))
+    bind_app(ShardserveArgs.model_validate({**args, "parallel": {"allow_pending_placement": True}}))
