@@ -83,7 +83,7 @@ class LLMServer:
     # ---- Python API -------------------------------------------------------------------------
 
     async def model_card(self) -> ModelCard:
-        self._started()  # the ingress asks for the card first: from then on the hub hears from this replica
+        self._started()  # the ingress asks for the card before anything else: start pushing metrics
         return ModelCard(
             name=self._args.model_name,
             version=self._args.model_version,

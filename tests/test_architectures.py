@@ -100,21 +100,25 @@ def spec_for(name: str) -> ModelSpec:
     return ModelSpec(str(checkpoint(name)), None, "float32", False, None, "cpu")
 
 
-@pytest.mark.parametrize("name", SHAPES)
-def test_unsharded_forward_matches_transformers(name: str) -> None:
+def check_matches_transformers(runner, name: str, budgets: tuple[int, ...]) -> None:
+    """The runner's prefill logits and greedy tokens are transformers', for each step token
+    budget (512: whole prompts; less: chunked prefill), fresh and from the prefix cache."""
     ref_logits, ref_tokens = reference(name)
-    runner = LocalModelRunner(spec_for(name), KV)
     try:
         info = runner.load()
         logits = runner.logits(prefill_step())
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
-        whole, cached, hits = engine_tokens(runner, info, max_num_batched_tokens=512)
-        assert whole == ref_tokens
-        assert cached == ref_tokens and hits >= len(PROMPTS) * len(SHARED)
-        chunked, _, _ = engine_tokens(runner, info, max_num_batched_tokens=16)  # prompts read 16 tokens a step
-        assert chunked == ref_tokens
+        for budget in budgets:
+            fresh, cached, hits = engine_tokens(runner, info, max_num_batched_tokens=budget)
+            assert fresh == ref_tokens, budget
+            assert cached == ref_tokens and hits >= len(PROMPTS) * len(SHARED), budget
     finally:
         runner.shutdown()
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_unsharded_forward_matches_transformers(name: str) -> None:
+    check_matches_transformers(LocalModelRunner(spec_for(name), KV), name, budgets=(512, 16))
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
@@ -122,23 +126,13 @@ def test_unsharded_forward_matches_transformers(name: str) -> None:
 def test_sharded_forward_matches_transformers(ray_cluster, name: str, tp: int, pp: int) -> None:
     from .test_parallel import alive_ranks
 
-    ref_logits, ref_tokens = reference(name)
     args = ShardserveArgs(
         model=str(checkpoint(name)),
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
         parallel={"load_timeout_s": 120, "step_timeout_s": 30},
     )
-    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
-    try:
-        info = runner.load()
-        logits = runner.logits(prefill_step())
-        assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
-        chunked, cached, hits = engine_tokens(runner, info, max_num_batched_tokens=32)
-        assert chunked == ref_tokens
-        assert cached == ref_tokens and hits >= len(PROMPTS) * len(SHARED)
-    finally:
-        runner.shutdown()
+    check_matches_transformers(DistributedModelRunner(args.model_spec(), KV, args.parallel_spec()), name, budgets=(32,))
     wait_until(lambda: not alive_ranks(), timeout_s=30)
 
 
