@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +89,43 @@ def llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int], i
     return path, tokens, AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|eot_id|>")
 
 
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """Llama-3.2's 131072-token window, at two layers and one KV head: the default pool
+    (max_num_seqs whole windows, 256 B a token) is 1 GiB. Its embeddings are tied: rigged to end
+    the chat's answer with an EOS the prompt does not contain (<|eot_id|> ends each turn of it).
+    Returns the path and the completion's length where transformers ends the turn."""
+    path = write_shaped_checkpoint("llama-3.2-1b-instruct", tmp_path_factory.mktemp("llama32"), num_hidden_layers=2,
+                                   num_key_value_heads=1)  # fmt: skip
+    tokens = steer(path, chat_ids(path, CHAT), "<|end_of_text|>", 0)
+    return path, tokens.index(AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|end_of_text|>")) + 1
+
+
+@pytest.fixture(scope="module")
+def shaped_apps(server: str, llama3, llama32, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The apps of the tests below, started together (their replicas load at once: each start
+    costs seconds), deleted after the module."""
+    qwen = write_shaped_checkpoint("qwen2.5-7b-instruct", tmp_path_factory.mktemp("qwen"))
+    apps = {
+        "llama3": {"model": str(llama3[0]), "served_model_name": "llama3"},
+        "long": {"model": str(llama32[0])},
+        "smallpool": {"model": str(llama32[0]), "engine": {"kv_cache_memory_mb": 1}},
+        "qwen": {"model": str(qwen), "cache": {"enabled": False}},
+        "qwenplain": {"model": str(qwen), "generation_config": "ignore", "cache": {"enabled": False}},
+    }
+    deploy_many(apps)
+    yield
+    for name in apps:
+        serve.delete(name)
+
+
 def deploy(name: str, args: dict[str, Any], overrides: dict[str, Any] | None = None, wait: bool = True) -> None:
     """An app under the session server at /{name}; `wait=False` returns before it is running."""
     deploy_many({name: args}, overrides, wait)
 
 
 def deploy_many(apps: dict[str, dict[str, Any]], overrides: dict[str, Any] | None = None, wait: bool = True) -> None:
-    """Several apps started together (their replicas load at once: each start costs seconds)."""
+    """Several apps started together."""
     bound = {name: bind_app(ShardserveArgs.model_validate({"limits": LIMITS, **args}), overrides) for name, args in apps.items()}
     targets = [serve.RunTarget(app, name=name, route_prefix=f"/{name}") for name, app in bound.items()]
     serve.run_many(targets, wait_for_applications_running=wait)
@@ -112,83 +143,56 @@ def _status(url: str) -> int:
         return 0
 
 
-def test_generation_config_eos_ends_the_turn_and_special_tokens_stay_out_of_text(server: str, llama3) -> None:
+def test_generation_config_eos_ends_the_turn_and_special_tokens_stay_out_of_text(server: str, llama3, shaped_apps) -> None:
     path, tokens, eot = llama3
-    deploy("llama3", {"model": str(path), "served_model_name": "llama3"})
-    try:
-        card = serve.get_app_handle("llama3").model_card.remote().result(timeout_s=30)
-        assert eot in card.eos_token_ids and card.sampling_defaults.temperature == 0.6
-        body = {"messages": CHAT, "temperature": 0, "logprobs": True}
-        answer = httpx.post(f"{server}/llama3/v1/chat/completions", json=body, timeout=60).json()
-        choice = answer["choices"][0]
-        end = tokens.index(eot)
-        assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == end + 1, (answer, tokens)
-        assert [t["token"] for t in choice["logprobs"]["content"]][1] == "<|start_header_id|>"
-        assert "<|" not in choice["message"]["content"]  # neither the special token nor the EOS
-        tok = AutoTokenizer.from_pretrained(path)
-        assert choice["message"]["content"] == tok.decode(tokens[:end], skip_special_tokens=True)
-        # ignore_eos goes past the turn end, as vLLM's does
-        past = httpx.post(
-            f"{server}/llama3/v1/chat/completions", json={**body, "max_tokens": 7, "ignore_eos": True}, timeout=60
-        ).json()
-        assert past["choices"][0]["finish_reason"] == "length" and past["usage"]["completion_tokens"] == 7
-    finally:
-        serve.delete("llama3")
+    card = serve.get_app_handle("llama3").model_card.remote().result(timeout_s=30)
+    assert eot in card.eos_token_ids and card.sampling_defaults.temperature == 0.6
+    body = {"messages": CHAT, "temperature": 0, "logprobs": True}
+    answer = httpx.post(f"{server}/llama3/v1/chat/completions", json=body, timeout=60).json()
+    choice = answer["choices"][0]
+    end = tokens.index(eot)
+    assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == end + 1, (answer, tokens)
+    assert [t["token"] for t in choice["logprobs"]["content"]][1] == "<|start_header_id|>"
+    assert "<|" not in choice["message"]["content"]  # neither the special token nor the EOS
+    tok = AutoTokenizer.from_pretrained(path)
+    assert choice["message"]["content"] == tok.decode(tokens[:end], skip_special_tokens=True)
+    # ignore_eos goes past the turn end, as vLLM's does
+    past = httpx.post(
+        f"{server}/llama3/v1/chat/completions", json={**body, "max_tokens": 7, "ignore_eos": True}, timeout=60
+    ).json()
+    assert past["choices"][0]["finish_reason"] == "length" and past["usage"]["completion_tokens"] == 7
 
 
-def test_a_128k_window_model_answers_chat_without_max_tokens_with_default_settings(server: str, tmp_path: Path) -> None:
+def test_a_128k_window_model_answers_chat_without_max_tokens_with_default_settings(server: str, llama32, shaped_apps) -> None:
     """Llama-3.2's 131072-token window with the default pool: the context served is the whole
     window and a chat request that sets no max_tokens runs until the model ends its turn. With
     a pool too small for one window, the context served is what the pool holds."""
-    # Two layers and one KV head: the default pool (max_num_seqs whole windows, 256 B a token) is 1 GiB.
-    path = write_shaped_checkpoint("llama-3.2-1b-instruct", tmp_path / "llama32", num_hidden_layers=2, num_key_value_heads=1)
-    # Its embeddings are tied: steer an EOS that the prompt does not contain (<|eot_id|> ends each turn of it).
-    tokens = steer(path, chat_ids(path, CHAT), "<|end_of_text|>", 0)
-    eot = AutoTokenizer.from_pretrained(path).convert_tokens_to_ids("<|end_of_text|>")
-    contexts = {"long": 131072, "smallpool": 4096}  # 1 MiB at 256 B a token
-    deploy_many({"long": {"model": str(path)}, "smallpool": {"model": str(path), "engine": {"kv_cache_memory_mb": 1}}})
-    try:
-        for name, context in contexts.items():
-            (model,) = httpx.get(f"{server}/{name}/v1/models", timeout=30).json()["data"]
-            assert model["max_model_len"] == context, model
-            answer = httpx.post(
-                f"{server}/{name}/v1/chat/completions", json={"messages": CHAT, "temperature": 0}, timeout=60
-            ).json()
-            assert answer["choices"][0]["finish_reason"] == "stop", answer
-            assert answer["usage"]["completion_tokens"] == tokens.index(eot) + 1  # where transformers ends the turn
-    finally:
-        for name in contexts:
-            serve.delete(name)
+    _, turn_length = llama32
+    for name, context in {"long": 131072, "smallpool": 4096}.items():  # smallpool: 1 MiB at 256 B a token
+        (model,) = httpx.get(f"{server}/{name}/v1/models", timeout=30).json()["data"]
+        assert model["max_model_len"] == context, model
+        answer = httpx.post(f"{server}/{name}/v1/chat/completions", json={"messages": CHAT, "temperature": 0}, timeout=60).json()
+        assert answer["choices"][0]["finish_reason"] == "stop", answer
+        assert answer["usage"]["completion_tokens"] == turn_length  # where transformers ends the turn
 
 
-def test_sampling_defaults_come_from_generation_config_unless_ignored(server: str, tmp_path: Path) -> None:
+def test_sampling_defaults_come_from_generation_config_unless_ignored(shaped_apps) -> None:
     """Qwen2.5-Instruct ships temperature 0.7, top_p 0.8, top_k 20 and repetition_penalty 1.05 in
     generation_config.json: a seeded request that leaves them out is sampled with them (the same
     tokens as naming them), and with `generation_config: ignore` with OpenAI's defaults."""
-    path = write_shaped_checkpoint("qwen2.5-7b-instruct", tmp_path / "qwen")
-    deploy_many(
-        {
-            "qwen": {"model": str(path), "cache": {"enabled": False}},
-            "qwenplain": {"model": str(path), "generation_config": "ignore", "cache": {"enabled": False}},
-        }
-    )
-    try:
 
-        def tokens(app: str, **fields: Any) -> list[int]:
-            request = GenerateRequest(prompt="Once upon a time", max_tokens=24, seed=5, ignore_eos=True, **fields)
-            return serve.get_app_handle(app).generate.remote(request).result(timeout_s=60).outputs[0].token_ids
+    def tokens(app: str, **fields: Any) -> list[int]:
+        request = GenerateRequest(prompt="Once upon a time", max_tokens=24, seed=5, ignore_eos=True, **fields)
+        return serve.get_app_handle(app).generate.remote(request).result(timeout_s=60).outputs[0].token_ids
 
-        qwen = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-        openai = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
-        defaulted = tokens("qwen")
-        assert defaulted == tokens("qwen", **qwen)
-        assert defaulted != tokens("qwen", **openai)
-        assert tokens("qwenplain") == tokens("qwen", **openai)
-        card = serve.get_app_handle("qwen").model_card.remote().result(timeout_s=30)
-        assert card.sampling_defaults.model_dump(exclude_defaults=True) == qwen
-    finally:
-        serve.delete("qwen")
-        serve.delete("qwenplain")
+    qwen = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    openai = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    defaulted = tokens("qwen")
+    assert defaulted == tokens("qwen", **qwen)
+    assert defaulted != tokens("qwen", **openai)
+    assert tokens("qwenplain") == tokens("qwen", **openai)
+    card = serve.get_app_handle("qwen").model_card.remote().result(timeout_s=30)
+    assert card.sampling_defaults.model_dump(exclude_defaults=True) == qwen
 
 
 def test_chat_templates_as_checkpoints_ship_them(tmp_path: Path) -> None:
