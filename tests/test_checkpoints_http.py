@@ -227,70 +227,67 @@ def test_chat_templates_as_checkpoints_ship_them(tmp_path: Path) -> None:
     assert refused.value.code == "no_chat_template" and refused.value.status_code == 400
 
 
-@pytest.fixture(scope="module")
-def unready_apps(server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A replica that loads for a while (it generates the bench model into an empty cache) and
-    one whose weights are corrupt, deployed together without waiting for them."""
-    path = write_shaped_checkpoint("llama-3.2-1b-instruct", tmp_path_factory.mktemp("broken"))
-    (path / "model.safetensors").write_bytes(b"not a safetensors file")
-    env = {"env_vars": {"SHARDSERVE_CACHE": str(tmp_path_factory.mktemp("cache"))}}
-    deploy("loading", {"model": "shardserve/bench-llama"}, {"ray_actor_options": {"num_cpus": 1, "runtime_env": env}}, wait=False)
-    deploy("broken", {"model": str(path)}, {"max_constructor_retry_count": 2}, wait=False)
-    yield
-    serve.delete("loading")
-    serve.delete("broken")
-
-
-def test_routes_answer_503_while_the_model_loads_then_serve(server: str, unready_apps) -> None:
-    """A replica still loading gets 503 `model_loading` on every model route at once, then
-    serves. (Before the broken model's test: this one must see the load.)"""
-    base = f"{server}/loading"
-    ingress_up(base)
-    statuses: list[tuple[int, float, str]] = []
-
-    def served() -> bool:
-        start = time.monotonic()
-        r = httpx.get(f"{base}/v1/models", timeout=10)
-        statuses.append((r.status_code, time.monotonic() - start, r.text))
-        return r.status_code == 200
-
-    wait_until(served, timeout_s=240, interval_s=0.3)
-    loading = [s for s in statuses if s[0] == 503]
-    assert loading, "never saw the model loading"
-    assert all(took < 3 and json.loads(text)["error"]["code"] == "model_loading" for _, took, text in loading), loading
-    assert {code for code, *_ in statuses} == {503, 200}
-
-
-def test_a_model_that_cannot_load_says_so_at_once(server: str, unready_apps) -> None:
+def test_a_model_that_cannot_load_says_so_at_once(server: str, tmp_path: Path) -> None:
     """Corrupt weights: while Serve tries to start the replica and after it gave up, every model
     route answers within a second or two with 503 and the load's error, /ready too, and
     `serve status` shows the failure as Ray Serve shows deploy errors."""
+    path = write_shaped_checkpoint("llama-3.2-1b-instruct", tmp_path / "broken")
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    deploy("broken", {"model": str(path)}, {"max_constructor_retry_count": 2}, wait=False)
     base = f"{server}/broken"
-    ingress_up(base)
-    seen: list[tuple[str, int, float, str]] = []
+    try:
+        ingress_up(base)
+        seen: list[tuple[str, int, float, str]] = []
 
-    def probe() -> bool:
-        for method, route, body in [("GET", "/ready", None), ("GET", "/v1/models", None),
-                                    ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})]:  # fmt: skip
+        def probe() -> bool:
+            for method, route, body in [("GET", "/ready", None), ("GET", "/v1/models", None),
+                                        ("POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})]:  # fmt: skip
+                start = time.monotonic()
+                try:
+                    r = httpx.request(method, f"{base}{route}", json=body, timeout=10)
+                except httpx.TimeoutException:
+                    seen.append((route, 0, time.monotonic() - start, "timeout"))
+                    continue
+                seen.append((route, r.status_code, time.monotonic() - start, r.text))
+            return "model_load_failed" in seen[-1][3]
+
+        wait_until(probe, timeout_s=180, interval_s=0.5)
+        answered = seen
+        assert all(code == 503 and took < 3 for _, code, took, _ in answered), answered
+        assert any("SafetensorError" in text for *_, text in answered[-3:]), answered[-3:]
+        ready = httpx.get(f"{base}/ready", timeout=10).json()
+        assert ready["status"] == "not ready" and ready["reason"].startswith("the model failed to load: ModelLoadError"), ready
+        failed = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi"}, timeout=10)
+        assert failed.status_code == 503 and failed.headers["retry-after"] == "30"
+        status = serve.status().applications["broken"].deployments["LLMServer"]
+        assert status.status == "DEPLOY_FAILED" and "ModelLoadError" in status.message
+    finally:
+        serve.delete("broken")
+
+
+def test_routes_answer_503_while_the_model_loads_then_serve(server: str, tmp_path: Path) -> None:
+    """A replica still loading (here: generating the bench model into an empty cache) gets 503
+    `model_loading` on every model route at once, then serves."""
+    env = {"env_vars": {"SHARDSERVE_CACHE": str(tmp_path / "cache")}}
+    deploy("loading", {"model": "shardserve/bench-llama"}, {"ray_actor_options": {"num_cpus": 1, "runtime_env": env}}, wait=False)
+    base = f"{server}/loading"
+    try:
+        ingress_up(base)
+        statuses: list[tuple[int, float, str]] = []
+
+        def served() -> bool:
             start = time.monotonic()
-            try:
-                r = httpx.request(method, f"{base}{route}", json=body, timeout=10)
-            except httpx.TimeoutException:
-                seen.append((route, 0, time.monotonic() - start, "timeout"))
-                continue
-            seen.append((route, r.status_code, time.monotonic() - start, r.text))
-        return "model_load_failed" in seen[-1][3]
+            r = httpx.get(f"{base}/v1/models", timeout=10)
+            statuses.append((r.status_code, time.monotonic() - start, r.text))
+            return r.status_code == 200
 
-    wait_until(probe, timeout_s=180, interval_s=0.5)
-    answered = seen
-    assert all(code == 503 and took < 3 for _, code, took, _ in answered), answered
-    assert any("SafetensorError" in text for *_, text in answered[-3:]), answered[-3:]
-    ready = httpx.get(f"{base}/ready", timeout=10).json()
-    assert ready["status"] == "not ready" and ready["reason"].startswith("the model failed to load: ModelLoadError"), ready
-    failed = httpx.post(f"{base}/v1/completions", json={"prompt": "Hi"}, timeout=10)
-    assert failed.status_code == 503 and failed.headers["retry-after"] == "30"
-    status = serve.status().applications["broken"].deployments["LLMServer"]
-    assert status.status == "DEPLOY_FAILED" and "ModelLoadError" in status.message
+        wait_until(served, timeout_s=240, interval_s=0.3)
+        loading = [s for s in statuses if s[0] == 503]
+        assert loading, "never saw the model loading"
+        assert all(took < 3 and json.loads(text)["error"]["code"] == "model_loading" for _, took, text in loading), loading
+        assert {code for code, *_ in statuses} == {503, 200}
+    finally:
+        serve.delete("loading")
 
 
 def test_a_changed_checkpoint_never_gets_the_old_ones_cached_answers(server: str, tmp_path: Path, redis_url: str) -> None:
