@@ -5,13 +5,16 @@ The models are small random-weight checkpoints built from real checkpoints' conf
 Mistral (sliding window 32), Qwen2.5 (q/k/v bias), Qwen3 (q/k norms, head_dim 32 with hidden 64),
 Gemma 3 (local/global layers, per-layer rotary, sandwich norms). Prompts are longer than every
 window and generation runs past it; each is checked with whole and chunked prefill and again with
-its blocks from the prefix cache, unsharded and at tp=2 and pp=2 over real rank actors.
+its blocks from the prefix cache, unsharded and sharded (tp=2 or pp=2; Gemma 3 both) over real rank actors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -40,7 +43,18 @@ SHAPES = [
     "gemma-3-1b-it",
     "gemma-3-27b-it-text",
 ]
-SHARDED = ["llama-3.2-1b-instruct", "mistral-7b-v0.1", "qwen2.5-7b-instruct", "qwen3-0.6b", "gemma-3-27b-it-text"]
+# Each sharded at the layout where it differs most: tp=2 splits heads (Mistral's and Qwen2.5's
+# GQA, Qwen2.5's q/k/v bias, Qwen3's per-head q/k norms); pp=2 splits layers (Llama 3.2's tied
+# embedding lives on both ends; Gemma 3's local/global layers fall on both stages). Gemma 3, whose
+# forward differs most from Llama's, runs at both.
+SHARDED = [
+    ("llama-3.2-1b-instruct", 1, 2),
+    ("mistral-7b-v0.1", 2, 1),
+    ("qwen2.5-7b-instruct", 2, 1),
+    ("qwen3-0.6b", 2, 1),
+    ("gemma-3-27b-it-text", 2, 1),
+    ("gemma-3-27b-it-text", 1, 2),
+]
 WINDOW = 32  # the shrunk sliding window of Mistral and Gemma 3
 SHARED = [11 + (5 * j) % 300 for j in range(2 * 16)]  # two full blocks every prompt starts with
 PROMPTS = [SHARED + [20 + (7 * i + 3 * j) % 400 for j in range(9 + 11 * i)] for i in range(4)]  # 41..74 tokens
@@ -50,8 +64,20 @@ assert min(map(len, PROMPTS)) > WINDOW
 
 
 @cache
+def checkpoints_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="shardserve-shapes-"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_checkpoints() -> Iterator[None]:
+    yield
+    if checkpoints_dir.cache_info().currsize:
+        shutil.rmtree(checkpoints_dir(), ignore_errors=True)
+
+
+@cache
 def checkpoint(name: str) -> Path:
-    return write_shaped_checkpoint(name)
+    return write_shaped_checkpoint(name, checkpoints_dir() / name)
 
 
 @cache
@@ -121,8 +147,7 @@ def test_unsharded_forward_matches_transformers(name: str) -> None:
     check_matches_transformers(LocalModelRunner(spec_for(name), KV), name, budgets=(512, 16))
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
-@pytest.mark.parametrize("name", SHARDED)
+@pytest.mark.parametrize(("name", "tp", "pp"), SHARDED)
 def test_sharded_forward_matches_transformers(ray_cluster, name: str, tp: int, pp: int) -> None:
     from .test_parallel import alive_ranks
 
@@ -154,8 +179,8 @@ def test_unregistered_architecture_is_refused_naming_the_supported_ones(tmp_path
         ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
     ],
 )
-def test_config_features_the_forward_lacks_are_refused(override: dict, refused: str) -> None:
+def test_config_features_the_forward_lacks_are_refused(override: dict, refused: str, tmp_path: Path) -> None:
     name = "llama-3-8b-instruct" if "rope_scaling" in override else "gemma-3-1b-it"
-    path = write_shaped_checkpoint(name, **override)
+    path = write_shaped_checkpoint(name, tmp_path, **override)
     with pytest.raises(ModelLoadError, match=refused):
         load_model_config(ModelSpec(str(path), None, "float32", False, None, "cpu"))

@@ -38,7 +38,7 @@ def run(*cmd: str, timeout: float = 120, **env: str) -> subprocess.CompletedProc
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=60)
-    gcs, dashboard, ray_metrics = free_port(), free_port(), free_port()
+    gcs, dashboard, head_metrics, worker_metrics = free_port(), free_port(), free_port(), free_port()
     # Ray's token authentication, as a production cluster runs it: every node, the serve CLI
     # and every driver present the same token.
     token = tmp_path_factory.mktemp("ray-auth") / "auth_token"
@@ -50,11 +50,13 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     # The head keeps Serve's controller, proxy and ingress; the ranks need the worker's CPUs.
     run("ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--metrics-export-port={ray_metrics}", "--disable-usage-stats", **env)  # fmt: skip
+        f"--metrics-export-port={head_metrics}", "--disable-usage-stats", **env)  # fmt: skip
     try:
         run("ray", "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=8",
-            "--resources", '{"worker_node": 1}', "--disable-usage-stats", **env)  # fmt: skip
-        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}", "ray_metrics": ray_metrics}
+            "--resources", '{"worker_node": 1}', f"--metrics-export-port={worker_metrics}", "--disable-usage-stats",
+            **env)  # fmt: skip
+        yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dashboard}",
+               "ray_metrics": [head_metrics, worker_metrics]}  # fmt: skip
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
         for k, v in saved.items():
@@ -151,12 +153,16 @@ def test_deploy_tp2_on_two_nodes_and_redeploy_without_failures(two_nodes: dict[s
     assert len(rank_nodes(two_nodes["gcs"])["ranks"]) == 2  # the old worker group is gone
 
     def ray_serve_metrics() -> bool:
-        """Ray's own ray_serve_* metrics keep flowing through the head's exporter."""
-        try:
-            text = httpx.get(f"http://127.0.0.1:{two_nodes['ray_metrics']}/metrics", timeout=10).text
-        except httpx.HTTPError:
-            return False
-        return "ray_serve_num_http_requests" in text
+        """Ray's own ray_serve_* metrics keep flowing through the nodes' exporters. Both nodes run
+        a proxy on the same port (EveryNode; Serve binds with SO_REUSEPORT), so the kernel may hand
+        every connection of this test to the worker's proxy: its requests count on that node."""
+        texts = []
+        for port in two_nodes["ray_metrics"]:
+            try:
+                texts.append(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+            except httpx.HTTPError:
+                return False
+        return any("ray_serve_num_http_requests" in text for text in texts)
 
     wait_until(ray_serve_metrics, timeout_s=90, interval_s=2)
     run("serve", "shutdown", "-y", *address, timeout=120)

@@ -169,13 +169,13 @@ def test_a_killed_rank_fails_only_its_in_flight_requests_the_rest_are_served(tp2
     victim = rank_pids()[0]
     body = {"max_tokens": 16, "temperature": 0, "ignore_eos": True, "cache": False}
     with ClosedLoop(tp2, body=body) as load:
-        wait_until(lambda: load.successes_after(0) >= 20, timeout_s=120)
+        wait_until(lambda: load.successes_after(0) >= 10, timeout_s=120)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: len(replicas() - before_replicas) == 1 and len(replicas()) == 2, timeout_s=120, interval_s=0.5)
         wait_until(lambda: len(rank_pids()) == 4 and victim not in rank_pids(), timeout_s=120, interval_s=0.5)
         recovered = time.monotonic()
-        wait_until(lambda: load.successes_after(recovered) >= 50, timeout_s=120)
+        wait_until(lambda: load.successes_after(recovered) >= 20, timeout_s=120)
     failures = load.failures()
     assert len(failures) <= load.clients, failures  # at most one in flight per client
     for o in failures:
@@ -184,5 +184,5 @@ def test_a_killed_rank_fails_only_its_in_flight_requests_the_rest_are_served(tp2
         error = json.loads(o.body)["error"]
         assert o.status in (500, 503) and "Traceback" not in o.body and error["message"], o
     served_after = [o for o in load.outcomes if o.started > killed_at + 1.0]
-    assert len(served_after) >= 50 and all(o.status == 200 for o in served_after)
+    assert len(served_after) >= 20 and all(o.status == 200 for o in served_after)
     wait_until(lambda: created_pgs() == before_pgs, timeout_s=30)  # the failed replica's group went with it
