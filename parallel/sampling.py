@@ -32,28 +32,40 @@ def sample_batch(
     """Sample one token per logits row; `penalty_tokens[i]` are the tokens row i's repetition
     penalty applies to.
 
-    Log-probabilities are the model's (before penalties, temperature and truncation), as vLLM
-    and OpenAI report them.
+    Greedy rows stay where the logits are (argmax and log-softmax on the device, one copy of the
+    ids and their logprobs to the host); only rows drawn with a seeded generator or penalized
+    are copied to the host whole. Log-probabilities are the model's (before penalties,
+    temperature and truncation), as vLLM and OpenAI report them.
     """
-    logits = logits.float().cpu()  # generators and Python-side sampling live on the CPU
+    logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    penalized = [i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]]
-    if penalized:
-        logits = logits.clone()  # the forward's output may be this very tensor
-        for i in penalized:
-            _penalize(logits[i], penalty_tokens[i], specs[i].repetition_penalty)  # type: ignore[index]
-    tokens = torch.argmax(logits, dim=-1).tolist()
-    for i, spec in enumerate(specs):
-        if spec.temperature >= MIN_TEMPERATURE:
-            tokens[i] = _draw(logits[i], spec, make_generator(seeds[i]))
-    out = []
-    for i, spec in enumerate(specs):
-        top: list[tuple[int, float]] = []
-        if spec.logprobs:
-            values, indices = torch.topk(logprobs[i], min(spec.logprobs, logprobs.shape[-1]))
-            top = [(int(t), float(v)) for t, v in zip(indices, values, strict=True)]
-        out.append(SampledToken(seq_id=seq_ids[i], token_id=tokens[i], logprob=float(logprobs[i, tokens[i]]), top_logprobs=top))
-    return out
+    tokens = torch.argmax(logits, dim=-1)
+    penalized = {i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]}
+    on_host = sorted(penalized | {i for i, spec in enumerate(specs) if spec.temperature >= MIN_TEMPERATURE})
+    if on_host:
+        rows = logits[torch.tensor(on_host, device=logits.device)].cpu()  # generators live on the CPU
+        chosen = []
+        for row, i in zip(rows, on_host, strict=True):
+            if i in penalized:
+                _penalize(row, penalty_tokens[i], specs[i].repetition_penalty)  # type: ignore[index]
+            drawn = specs[i].temperature >= MIN_TEMPERATURE
+            chosen.append(_draw(row, specs[i], make_generator(seeds[i])) if drawn else int(row.argmax()))
+        tokens = tokens.clone()
+        tokens[torch.tensor(on_host, device=logits.device)] = torch.tensor(chosen, device=logits.device)
+    token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
+    wanted = [i for i, spec in enumerate(specs) if spec.logprobs]
+    top: dict[int, list[tuple[int, float]]] = {}
+    if wanted:
+        k = min(max(specs[i].logprobs for i in wanted), logprobs.shape[-1])
+        values, indices = torch.topk(logprobs[torch.tensor(wanted, device=logits.device)], k)
+        for i, vals, ids in zip(wanted, values.tolist(), indices.tolist(), strict=True):
+            n = min(specs[i].logprobs, k)
+            top[i] = list(zip(ids[:n], vals[:n], strict=True))
+    ids, lps = tokens.tolist(), token_logprobs.tolist()
+    return [
+        SampledToken(seq_id=seq_ids[i], token_id=ids[i], logprob=lps[i], top_logprobs=top.get(i, []))
+        for i in range(len(specs))
+    ]
 
 
 def _penalize(row: torch.Tensor, seen: tuple[int, ...], penalty: float) -> None:

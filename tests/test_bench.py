@@ -45,11 +45,43 @@ def test_summary_and_report_numbers() -> None:
     assert "0.80x of the ceiling" in text
 
 
+def test_report_puts_vllm_first_with_its_prefix_ttft_and_memory() -> None:
+    ours = workload.summarize([workload.RequestResult(True, 0.1, 1.1, 11)], wall_s=2.0)
+    peer = {**ours, "output_tokens_per_s": 11.0, "ttft_p50_s": 0.05, "ttft_p99_s": 0.05}
+    report = {
+        "model": "m",
+        "quick": False,
+        "started": "now",
+        "levels": {"8": {"vllm_cpu": peer, "shardserve": ours}},
+        "prefix": {"vllm_cpu": peer, "on": ours, "off": {**ours, "ttft_p50_s": 0.4}},
+        "rss_mb": {"vllm_cpu": 2048.0, "shardserve": 1024.0},
+        "ceiling": {"batch": 16, "raw_tokens_per_s": 100.0, "engine_tokens_per_s": 80.0, "ratio": 0.8},
+    }
+    text = render(report)
+    rows = [line for line in text.splitlines() if line.startswith("| vLLM CPU") or line.startswith("| shardserve")]
+    assert rows[0].startswith("| vLLM CPU (vllm-cpu 0.32.0) | 11.0 |") and rows[0].endswith("| 0.50x | 0.50x |"), rows
+    assert "| vLLM/ours (on) | 0.50x |" in text
+    assert "vLLM CPU (vllm-cpu 0.32.0) 2048 MiB, shardserve 1024 MiB" in text
+
+
 def test_ceiling_measurements_run() -> None:
     runner, info = load_runner("shardserve/tiny-llama", max_model_len=256)
     assert runner.on_model_thread(raw_decode_tokens_per_s, runner.model, 2, 8, 4) > 0
     assert engine_decode_tokens_per_s(runner, info, 2, 8, 4) > 0
     runner.shutdown()
+
+
+def test_step_profile_runs() -> None:
+    from bench.step_profile import decode_step, prefill_step, profile
+
+    runner, _ = load_runner("shardserve/tiny-llama", max_model_len=256)
+    try:
+        for step in (decode_step(2, 20), prefill_step(24)):
+            timings = profile(runner, "smoke", step, repeats=1, top=3)
+            assert set(timings) == {"prepare_ms", "forward_ms", "sample_ms", "step_ms"}
+            assert all(v > 0 for v in timings.values())
+    finally:
+        runner.shutdown()
 
 
 def test_fleet_bench_reports_render() -> None:

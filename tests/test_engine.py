@@ -214,3 +214,29 @@ async def test_runner_fault_fails_in_flight_requests_and_health(loaded) -> None:
     with pytest.raises(Overloaded) as refused:  # 503: another replica can take it
         engine.add([5], [(GREEDY, 0)], 5, ignore_eos=True)
     assert refused.value.code == "replica_failed" and refused.value.status_code == 503
+
+
+def test_engine_runner_and_model_code_import_without_ray() -> None:
+    """A GPU machine may have torch and no Ray: the engine, the local runner, the model code and
+    the config they take must import (and a generation run) where Ray is not installed."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, asyncio
+sys.modules["ray"] = None  # any import of ray (or ray.serve) now raises ImportError
+from deployments.config import ShardserveArgs
+from deployments.engine.engine import LLMEngine
+from parallel.local_runner import LocalModelRunner
+from parallel.runner import SamplingSpec
+args = ShardserveArgs(model="shardserve/tiny-llama", max_model_len=64)
+runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
+info = runner.load()
+async def main():
+    engine = LLMEngine(runner, info, args.engine)
+    (seq,) = engine.add([1, 2, 3], [(SamplingSpec(), 0)], 4, ignore_eos=True)
+    return [t.token_id async for batch in engine.stream(seq) for t in batch]
+print(len(asyncio.run(main())))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "4", out.stderr[-2000:]
