@@ -17,11 +17,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from parallel.architectures import architecture_of, layer_type, layer_window
 from parallel.attention import DecodeGroup, PagedAttention, Prefill, bucket_by_length, gather_sdpa
 from parallel.runner import StepInput
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k [T, heads, d] by cos/sin [T, d], in the half-split layout of
+    every registered architecture (transformers' `apply_rotary_pos_emb`; imported from there it
+    pulled in the whole modeling stack, seconds of start in processes that never run a model)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class PagedKVCache:
@@ -197,7 +209,7 @@ class PagedCausalLM:
         v = attn.v_proj(x).view(tokens, -1, d)
         if self.arch.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+        q, k = apply_rotary(q, k, cos, sin)
         k_blocks, v_blocks = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [NB, bs, kvh, d]
         kv_heads = k_blocks.shape[2]
         k_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, k)

@@ -33,7 +33,9 @@ from .conftest import TEST_ARGS, wait_until
 
 PROMPTS = [[10 + 7 * i + j for j in range(3 + (i * 5) % 30)] for i in range(16)]
 KV = KVCacheSpec.fixed(block_size=16, num_blocks=128)
-CONFIGS = [(2, 1), (1, 2), (2, 2)]
+# tp=2 and pp=2 alone are checked against transformers for every sharded architecture in
+# test_architectures and with int8 shards below; here the two together, with each rank's bytes.
+CONFIGS = [(2, 2)]
 
 
 def args_for(tp: int, pp: int, model: str = "shardserve/tiny-llama", **parallel) -> ShardserveArgs:
