@@ -99,6 +99,21 @@ class ServeBatchHF:
         return _completion(await self._batched((body["prompt"], body["max_tokens"])))
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, name: str, log_name: str, timeout_s: float) -> None:
+    """Until the server's /health answers 200; fails at once if the process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}; see {log_name}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{name} did not become ready in {timeout_s:.0f} s; see {log_name}")
+
+
 class TransformersServe:
     """`transformers serve MODEL_DIR` on a free loopback port, stopped on exit."""
 
@@ -111,17 +126,7 @@ class TransformersServe:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout_s: float = 180) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("transformers serve did not become ready")
+        wait_healthy(self.proc, self.url, "transformers serve", self.log.name, timeout_s)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -171,17 +176,7 @@ class VLLMCPU:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vLLM did not become ready in {timeout_s:.0f} s; see {self.log.name}")
+        wait_healthy(self.proc, self.url, "vLLM", self.log.name, timeout_s)
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and every process it started (its engine core)."""
