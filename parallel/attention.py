@@ -3,7 +3,7 @@
 `PagedAttention` is what the forward calls once per layer, after the step's K/V has been
 written to the pool: the step's queries, its own new K/V (prefills that start a sequence attend
 to these alone), the layer's K/V blocks, and the step's sequences as decode groups and prefill
-chunks. `GatherSDPA`, the backend on every device today, gathers each group's blocks into one
+chunks. `gather_sdpa`, the backend on every device today, gathers each group's blocks into one
 padded tensor and calls torch's scaled_dot_product_attention, which dispatches to its fused CPU
 kernel (and on cuda to flash or memory-efficient attention). A paged kernel that reads the blocks
 in place (vLLM's and FlashInfer's shape: block tables and context lengths) takes the same

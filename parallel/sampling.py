@@ -43,7 +43,8 @@ def sample_batch(
     penalized = {i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]}
     on_host = sorted(penalized | {i for i, spec in enumerate(specs) if spec.temperature >= MIN_TEMPERATURE})
     if on_host:
-        rows = logits[torch.tensor(on_host, device=logits.device)].cpu()  # generators live on the CPU
+        host_index = torch.tensor(on_host, device=logits.device)
+        rows = logits[host_index].cpu()  # generators live on the CPU
         chosen = []
         for row, i in zip(rows, on_host, strict=True):
             if i in penalized:
@@ -51,7 +52,7 @@ def sample_batch(
             drawn = specs[i].temperature >= MIN_TEMPERATURE
             chosen.append(_draw(row, specs[i], make_generator(seeds[i])) if drawn else int(row.argmax()))
         tokens = tokens.clone()
-        tokens[torch.tensor(on_host, device=logits.device)] = torch.tensor(chosen, device=logits.device)
+        tokens[host_index] = torch.tensor(chosen, device=logits.device)
     token_logprobs = logprobs.gather(1, tokens[:, None])[:, 0]
     wanted = [i for i, spec in enumerate(specs) if spec.logprobs]
     top: dict[int, list[tuple[int, float]]] = {}
