@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
+from parallel.host_memory import retain_freed_memory
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
     DTYPES,
@@ -24,6 +25,7 @@ from parallel.loading import (
     generation_config,
     load_model_config,
 )
+from parallel.packed_linear import pack_linears
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
@@ -112,9 +114,13 @@ class LocalModelRunner:
     def _load(self) -> ModelInfo:
         start = time.monotonic()
         spec, kv = self._spec, self._kv
+        retain_freed_memory()
         model, hf_config, path = load_hf_model(spec)
         window = context_window(hf_config, spec.max_model_len)
         layers, kv_heads, head_dim = kv_shape(model)
+        num_parameters, held_bytes = count_weights(model), weight_bytes(model)
+        if spec.device == "cpu":
+            pack_linears(model)  # before sizing the pool: a tied LM head's packed copy is memory too
         dtype = DTYPES[spec.dtype]
         per_block = PagedKVCache.bytes_per_block(layers, kv.block_size, kv_heads, head_dim, dtype)
         plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
@@ -124,14 +130,14 @@ class LocalModelRunner:
             vocab_size=hf_config.vocab_size,
             max_model_len=served_context(window, spec.max_model_len is not None, plan, kv.block_size),
             eos_token_ids=eos_token_ids(hf_config, generation_config(path)),
-            num_parameters=count_weights(model),
+            num_parameters=num_parameters,
             dtype=spec.dtype,
             num_kv_blocks=plan.num_blocks,
             block_size=kv.block_size,
             model_window=window,
             kv_cache_bytes=plan.num_blocks * per_block,
             kv_sizing=plan.reason,
-            weight_bytes=weight_bytes(model),
+            weight_bytes=held_bytes,
         )
         logger.info("loaded %s: %d parameters, %s, %.2fs", spec.model, info.num_parameters, spec.dtype, time.monotonic() - start)
         return info

@@ -64,7 +64,9 @@ def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head_dim) held by this model: fewer layers on a pipeline stage,
     fewer heads when AutoTP has sharded the projections (read from the weights, not the config)."""
     attn = model.model.layers[0].self_attn
-    return len(model.model.layers), attn.k_proj.weight.shape[0] // attn.head_dim, attn.head_dim
+    weight = getattr(attn.k_proj, "weight", None)  # sharded layers' own; a PackedLinear keeps none
+    k_rows = weight.shape[0] if weight is not None else attn.k_proj.out_features
+    return len(model.model.layers), k_rows // attn.head_dim, attn.head_dim
 
 
 @dataclass

@@ -19,9 +19,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallel.host_memory import retain_freed_memory
 from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.loading import DTYPES, load_model_config
+from parallel.packed_linear import pack_linears
 from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
@@ -88,6 +90,7 @@ class RankWorker:
         """Join the group and load this rank's weights; the KV pool comes after, once the
         driver has chosen a size every rank can hold (`free_bytes`, then `allocate_kv`)."""
         start = time.monotonic()
+        retain_freed_memory()
         placement = layout.rank(rank)
         self._placement, self._layout, self._block_size, self._device = placement, layout, block_size, spec.device
         backend = "nccl" if spec.device == "cuda" else "gloo"
@@ -129,7 +132,7 @@ class RankWorker:
         layers, kv_heads, head_dim = self._kv_shape
         import ray
 
-        return RankReport(
+        report = RankReport(
             rank=rank,
             stage=placement.stage,
             layers=placement.layers,
@@ -140,6 +143,9 @@ class RankWorker:
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             load_seconds=time.monotonic() - start,
         )
+        if spec.device == "cpu":
+            pack_linears(self._model)  # after counting: a packed weight is no parameter (parallel.packed_linear)
+        return report
 
     def free_bytes(self, max_num_batched_tokens: int) -> int:
         """Memory this rank's pool may take: host RAM now; on cuda what a profiling forward of

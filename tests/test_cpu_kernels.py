@@ -1,0 +1,82 @@
+"""The CPU hot path's two process-level choices: oneDNN-packed linear layers and malloc settings
+that keep a step's freed memory. No Ray: these are model-side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from parallel.packed_linear import PackedLinear, pack_linears
+from parallel.paged_model import kv_shape
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_dense(rows: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 200, bias=bias)
+    x = torch.randn(rows, 96)
+    expected = dense(x).detach()
+    packed = PackedLinear(dense)
+    assert torch.allclose(packed(x), expected, atol=1e-5, rtol=1e-5)
+    # Leading dimensions pass through, as for nn.Linear (the LM head is called on [1, S, H]).
+    assert torch.allclose(packed(x[None]), expected[None], atol=1e-5, rtol=1e-5)
+
+
+def small_llama(tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@needs_onednn
+@pytest.mark.parametrize("tie", [False, True])
+def test_packing_a_model_keeps_its_logits_shape_and_embeddings(tie: bool) -> None:
+    model = small_llama(tie)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    shape = kv_shape(model)
+    # 7 projections per layer and the LM head; a second call finds nothing left to pack.
+    assert pack_linears(model) == 2 * 7 + 1
+    assert pack_linears(model) == 0
+    assert kv_shape(model) == shape == (2, 2, 16)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert model.model.embed_tokens.weight.shape == (300, 64)  # a tied head's embedding stays dense
+    with torch.inference_mode():
+        after = model(input_ids=ids).logits
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+
+
+def test_only_plain_float_linears_are_packed() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    model = nn.Sequential(Custom(8, 8), nn.Linear(8, 8).to(torch.float16))
+    assert pack_linears(model) == 0
+    assert type(model[0]) is Custom and type(model[1]) is nn.Linear
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_freed_memory_is_retained_on_linux() -> None:
+    """In a fresh process (the settings are process-wide): applied once, then a no-op."""
+    code = "from parallel.host_memory import retain_freed_memory as r; print(r(), r())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "True"]
