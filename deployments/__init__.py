@@ -10,6 +10,8 @@ from deployments.types import (
     GenerateResponse,
     ModelCard,
     SamplingDefaults,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
 )
 
@@ -25,5 +27,7 @@ __all__ = [
     "SamplingDefaults",
     "ShardserveArgs",
     "ShardserveError",
+    "TokenizeRequest",
+    "TokenizeResponse",
     "Usage",
 ]

@@ -1,7 +1,7 @@
 """The ingress deployment: HTTP routes and the Python handle API, in front of the LLM server.
 
 `serve.get_app_handle(app_name)` returns a handle to this deployment, so its public methods
-(`generate`, `generate_stream`, `model_card`) are the documented Python API. The HTTP routes
+(`generate`, `generate_stream`, `model_card`, `tokenize`, `detokenize`) are the documented Python API. The HTTP routes
 call the same methods, so both paths behave the same.
 """
 
@@ -32,7 +32,7 @@ from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.model_cards import ModelCards
 from deployments.streams import StreamRecorder
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard
+from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard, TokenizeRequest, TokenizeResponse
 
 logger = logging.getLogger("ray.serve")
 
@@ -202,6 +202,15 @@ class Ingress:
         """The card of a served version (None: the newest, whatever the canary split)."""
         v = self.versions[-1] if version is None else self.resolve_version(version)
         return await self._cards.get(v)
+
+    async def tokenize(self, request: TokenizeRequest, version: int | None = None) -> TokenizeResponse:
+        """Token ids of a prompt or chat turns as the served version (None: the newest) reads them."""
+        v = self.versions[-1] if version is None else self.resolve_version(version)
+        return await self._llms[v].tokenize.remote(request)
+
+    async def detokenize(self, tokens: list[int], version: int | None = None) -> str:
+        v = self.versions[-1] if version is None else self.resolve_version(version)
+        return await self._llms[v].detokenize.remote(tokens)
 
     async def metrics(self) -> str:
         """Prometheus text for every replica of the app (this one's counters as of now)."""

@@ -29,3 +29,17 @@ def check_request(request: GenerateRequest, limits: LimitsConfig) -> None:
             raise InvalidRequest("messages must not be empty", param="messages")
         if len(request.messages) > limits.max_messages:
             raise InvalidRequest(f"at most {limits.max_messages} messages are allowed", param="messages")
+
+
+def check_token_ids(request: GenerateRequest, vocab_size: int) -> None:
+    """Every token id a request names (prompt, logit_bias, stop_token_ids) is in the vocabulary:
+    one outside it would index past the embedding or the logits row."""
+    named = (
+        ("prompt", request.prompt_token_ids or []),
+        ("logit_bias", request.logit_bias or {}),
+        ("stop_token_ids", request.stop_token_ids),
+    )
+    for param, ids in named:
+        outside = [t for t in ids if not 0 <= t < vocab_size]
+        if outside:
+            raise InvalidRequest(f"token id {outside[0]} in {param} is outside the vocabulary", param=param)

@@ -27,7 +27,7 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
-from deployments.limits import check_request
+from deployments.limits import check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import StreamRecorder, merge
 from deployments.types import (
@@ -38,6 +38,8 @@ from deployments.types import (
     GenerateResponse,
     ModelCard,
     SamplingDefaults,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprob,
 )
 from parallel.distributed_runner import DistributedModelRunner
@@ -154,8 +156,20 @@ class LLMServer:
             TTFT: self._recent_ttft.mean(),
         }
 
-    async def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False)
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """The token ids a generation request with this prompt (or these chat turns) would feed
+        the model: the count is its `usage.prompt_tokens`."""
+        if request.messages is not None:
+            ids = self._tokenizer.encode(self._checkpoint.render_chat(request.messages), add_special_tokens=False)
+        else:
+            ids = self._tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._info.max_model_len)
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        bad = [t for t in tokens if not 0 <= t < self._info.vocab_size]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="tokens")
+        return self._tokenizer.decode(tokens)
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy."""
@@ -183,14 +197,12 @@ class LLMServer:
     def _prepare(self, request: GenerateRequest) -> tuple[str, list[int], int]:
         """Tokenize and check the request against the context window and the limits."""
         limits = self._args.limits
+        check_token_ids(request, self._info.vocab_size)
         if request.messages is not None:
             prompt = self._checkpoint.render_chat(request.messages)
             prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
         elif request.prompt_token_ids is not None:
             prompt_ids = list(request.prompt_token_ids)
-            bad = [t for t in prompt_ids if not 0 <= t < self._info.vocab_size]
-            if bad:
-                raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="prompt")
             prompt = self._tokenizer.decode(prompt_ids)
         else:
             prompt = request.prompt or ""
@@ -220,6 +232,8 @@ class LLMServer:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if request.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
         return prompt, prompt_ids, max_tokens
 
     async def _run(
@@ -233,10 +247,21 @@ class LLMServer:
             top_k=max(request.top_k or 0, 0),
             min_p=request.min_p,  # type: ignore[arg-type]
             repetition_penalty=request.repetition_penalty,  # type: ignore[arg-type]
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=tuple(sorted((request.logit_bias or {}).items())),
             logprobs=request.logprobs,
         )
         samplings = [(spec, base_seed + i) for i in range(request.n)]
-        seqs = self._engine.add(prompt_ids, samplings, max_tokens, request.ignore_eos, cache_salt=request.tenant)
+        seqs = self._engine.add(
+            prompt_ids,
+            samplings,
+            max_tokens,
+            request.ignore_eos,
+            cache_salt=request.tenant,
+            stop_token_ids=request.stop_token_ids,
+            min_tokens=request.min_tokens,
+        )
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length"]
 
@@ -78,13 +78,24 @@ class GenerateRequest(BaseModel):
     """Drop tokens less likely than min_p times the most likely one."""
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     """Above 1 discourages tokens already in the prompt or output (transformers' semantics)."""
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """Subtracted from the logit of every token already in the output (OpenAI's semantics)."""
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    """Subtracted from a token's logit once for each time it is already in the output."""
+    min_tokens: int = Field(default=0, ge=0)
+    """EOS and `stop_token_ids` cannot end the output before this many tokens (vLLM's)."""
+    stop_token_ids: list[int] = Field(default_factory=list)
+    """Token ids that end the output like EOS, even with ignore_eos (vLLM's)."""
+    logit_bias: dict[int, float] | None = None
+    """Token id -> bias in [-100, 100] added to its logit at every step (greedy choices too);
+    -100 bans a token, +100 all but forces it."""
     seed: int | None = None
     """Makes sampled output reproducible."""
     stop: list[str] = Field(default_factory=list)
     """Generation ends before the first occurrence of any of these strings."""
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1)
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
     """Return the sampled token's log-probability and this many top alternatives."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
@@ -93,6 +104,11 @@ class GenerateRequest(BaseModel):
     cache: bool = True
     """False: neither answered from nor stored in the result cache (the HTTP routes set it from
     a `cache: false` body field or a `Cache-Control: no-cache`/`no-store` header)."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        return check_logit_bias(v)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -112,6 +128,37 @@ class GenerateRequest(BaseModel):
         """Greedy, or sampled with a seed: the same request gives the same answer (only
         meaningful once `with_defaults` has set the temperature)."""
         return self.temperature == 0 or self.seed is not None
+
+
+class TokenizeRequest(BaseModel):
+    """Text or chat turns to tokenize exactly as a generation request would be."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    """Rendered through the model's chat template first, as for chat completions."""
+    add_special_tokens: bool = True
+    """For `prompt`: the tokenizer's BOS and the like, as a completion's prompt gets them."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt, messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+def check_logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
+    """OpenAI's range for each bias; an empty map is no bias."""
+    if bias and any(not -100.0 <= b <= 100.0 for b in bias.values()):
+        raise ValueError("logit_bias values must be between -100 and 100")
+    return bias or None
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

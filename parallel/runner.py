@@ -27,7 +27,7 @@ class ModelSpec:
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to pick the next token for one sequence. temperature 0 means greedy; the neutral
-    values (top_p 1, top_k 0, min_p 0, repetition_penalty 1) change nothing."""
+    values (top_p 1, top_k 0, min_p 0, repetition_penalty 1, penalties 0, no bias) change nothing."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -36,7 +36,18 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     """Logits of tokens already in the prompt or the output are divided by it when positive,
     multiplied when negative (as transformers and vLLM do); greedy choices too."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of each token already in the output (OpenAI's semantics)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per occurrence of a token in the output."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before any choice."""
     logprobs: int | None = None  # number of top alternatives to return; None: no logprobs
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether sampling needs the output so far (presence or frequency penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,11 @@ class SequenceStep:
     penalty_tokens: tuple[int, ...] = ()
     """The sequence's prompt and output so far, sent only when it samples with a repetition
     penalty (the runner keeps no per-sequence state between steps)."""
+    output_tokens: tuple[int, ...] = ()
+    """The sequence's output so far, sent only when it samples with a presence or frequency
+    penalty."""
+    banned_tokens: tuple[int, ...] = ()
+    """Tokens this step must not sample (its stop tokens, before the request's min_tokens)."""
 
 
 @dataclass(frozen=True)

@@ -28,27 +28,40 @@ def sample_batch(
     seeds: list[int],
     seq_ids: list[int],
     penalty_tokens: list[tuple[int, ...]] | None = None,
+    output_tokens: list[tuple[int, ...]] | None = None,
+    banned_tokens: list[tuple[int, ...]] | None = None,
 ) -> list[SampledToken]:
     """Sample one token per logits row; `penalty_tokens[i]` are the tokens row i's repetition
-    penalty applies to.
+    penalty applies to (prompt and output), `output_tokens[i]` those its presence and frequency
+    penalties count (the output), `banned_tokens[i]` those it must not pick this step.
 
     Greedy rows stay where the logits are (argmax and log-softmax on the device, one copy of the
-    ids and their logprobs to the host); only rows drawn with a seeded generator or penalized
-    are copied to the host whole. Log-probabilities are the model's (before penalties,
-    temperature and truncation), as vLLM and OpenAI report them.
+    ids and their logprobs to the host); only rows drawn with a seeded generator, penalized or
+    biased are copied to the host whole. Log-probabilities are the model's (before biases,
+    penalties, temperature and truncation), as vLLM and OpenAI report them.
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     tokens = torch.argmax(logits, dim=-1)
     penalized = {i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]}
-    on_host = sorted(penalized | {i for i, spec in enumerate(specs) if spec.temperature >= MIN_TEMPERATURE})
+    counted = {i for i, spec in enumerate(specs) if spec.counts_output and output_tokens and output_tokens[i]}
+    biased = {i for i, spec in enumerate(specs) if spec.logit_bias}
+    banned = {i for i, ids in enumerate(banned_tokens or []) if ids}
+    drawn_rows = {i for i, spec in enumerate(specs) if spec.temperature >= MIN_TEMPERATURE}
+    on_host = sorted(penalized | counted | biased | banned | drawn_rows)
     if on_host:
         host_index = torch.tensor(on_host, device=logits.device)
         rows = logits[host_index].cpu()  # generators live on the CPU
         chosen = []
         for row, i in zip(rows, on_host, strict=True):
+            if i in biased:
+                _bias(row, specs[i].logit_bias)
             if i in penalized:
                 _penalize(row, penalty_tokens[i], specs[i].repetition_penalty)  # type: ignore[index]
+            if i in counted:
+                _penalize_output(row, output_tokens[i], specs[i])  # type: ignore[index]
+            if i in banned:
+                row[torch.tensor(banned_tokens[i], dtype=torch.long)] = float("-inf")  # type: ignore[index]
             drawn = specs[i].temperature >= MIN_TEMPERATURE
             chosen.append(_draw(row, specs[i], make_generator(seeds[i])) if drawn else int(row.argmax()))
         tokens = tokens.clone()
@@ -75,6 +88,19 @@ def _penalize(row: torch.Tensor, seen: tuple[int, ...], penalty: float) -> None:
     ids = torch.tensor(sorted(set(seen)), dtype=torch.long)
     values = row[ids]
     row[ids] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def _bias(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> None:
+    """OpenAI's logit_bias, in place: each listed token's logit plus its bias."""
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long)
+    row.index_add_(0, ids, torch.tensor([b for _, b in bias], dtype=row.dtype))
+
+
+def _penalize_output(row: torch.Tensor, output: tuple[int, ...], spec: SamplingSpec) -> None:
+    """OpenAI's presence and frequency penalties, in place: a token seen c times in the output
+    loses c * frequency_penalty + presence_penalty from its logit (as vLLM applies them)."""
+    counts = torch.bincount(torch.tensor(output, dtype=torch.long), minlength=row.numel())[: row.numel()].to(row.dtype)
+    row -= counts * spec.frequency_penalty + (counts > 0).to(row.dtype) * spec.presence_penalty
 
 
 def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> int:
@@ -106,5 +132,7 @@ def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
             [s.sample_seed for s in wanted],
             [s.seq_id for s in wanted],
             [s.penalty_tokens for s in wanted],
+            [s.output_tokens for s in wanted],
+            [s.banned_tokens for s in wanted],
         )
     )

@@ -69,6 +69,37 @@ async def test_concurrent_requests_match_running_alone(loaded) -> None:
     assert together == alone
 
 
+async def test_output_penalties_reach_the_sampler(loaded) -> None:
+    """The engine sends each sequence's output to the runner when it samples with a presence or
+    frequency penalty: a huge frequency penalty makes greedy output never repeat a token, and
+    the sequence next to it in the batch is untouched."""
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig())
+    p = prompts(1)[0]
+    plain = await collect(engine, p, 40)
+    assert len(set(plain)) < len(plain)  # this random model repeats itself when greedy
+    penalized, neighbour = await asyncio.gather(
+        collect(engine, p, 40, SamplingSpec(frequency_penalty=1000.0)), collect(engine, p, 40)
+    )
+    assert len(set(penalized)) == len(penalized) and penalized[0] == plain[0]
+    assert neighbour == plain
+
+
+async def test_stop_token_ids_end_and_min_tokens_hold_them_back(loaded) -> None:
+    runner, info = loaded
+    engine = LLMEngine(runner, info, EngineConfig())
+    p = prompts(1)[0]
+    plain = await collect(engine, p, 30)
+    stop = plain[3]
+    first = plain.index(stop)
+    (seq,) = engine.add(p, [(GREEDY, 0)], 30, ignore_eos=True, stop_token_ids=[stop])
+    got = [t.token_id async for batch in engine.stream(seq) for t in batch]
+    assert got == plain[: first + 1] and seq.finish_reason == "stop"
+    (late,) = engine.add(p, [(GREEDY, 0)], 30, ignore_eos=True, stop_token_ids=[stop], min_tokens=first + 2)
+    held = [t.token_id async for batch in engine.stream(late) for t in batch]
+    assert held[:first] == plain[:first] and stop not in held[: first + 2] and len(held) >= first + 2
+
+
 async def test_chunked_prefill_gives_same_tokens(loaded) -> None:
     runner, info = loaded
     long_prompts = [p * 4 for p in prompts(4)]

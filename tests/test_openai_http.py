@@ -148,6 +148,7 @@ def test_completion_stream_raw_sse(http) -> None:
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ],
 )
 def test_completion_bad_input_is_400(http, body, param) -> None:
@@ -166,10 +167,113 @@ def test_chat_bad_input_is_400(http) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
         ({"messages": "hello"}, "messages"),
         ({}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ]:
         res = http.post("/v1/chat/completions", json=body)
         assert res.status_code == 400, res.text
         assert (res.json()["error"]["param"] or "").startswith(param)
+
+
+@pytest.mark.parametrize(
+    ("route", "field", "value"),
+    [
+        ("/v1/completions", "audio", {"voice": "alloy", "format": "wav"}),
+        ("/v1/completions", "best_of", 3),
+        ("/v1/completions", "suffix", " the end"),
+        ("/v1/completions", "prompt_logprobs", 1),
+        ("/v1/completions", "guided_regex", "[ab]+"),
+        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+        ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("/v1/chat/completions", "tool_choice", "required"),
+        ("/v1/chat/completions", "reasoning_effort", "low"),
+        ("/v1/chat/completions", "store", True),
+    ],
+)
+def test_fields_not_honoured_are_refused_by_name(http, route, field, value) -> None:
+    """A field that would change the answer and is not implemented is a 400 naming it, never a
+    200 that dropped it; the values that ask for nothing (SDK defaults) still pass."""
+    base = {"prompt": PROMPT} if route == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    res = http.post(route, json={**base, "max_tokens": 2, field: value})
+    assert res.status_code == 400, res.text
+    err = res.json()["error"]
+    assert err["param"] == field and "not support" in err["message"], err
+
+
+def test_neutral_values_of_unhonoured_fields_pass(openai_client) -> None:
+    res = openai_client.chat.completions.create(
+        model="tiny-llama",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        tool_choice="none",
+        store=False,
+    )
+    assert res.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+    assert info.value.body["param"] == "logprobs"
+
+
+def test_logit_bias_forces_and_bans_tokens(openai_client, http) -> None:
+    from transformers import AutoTokenizer
+
+    from parallel.loading import resolve_model_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("shardserve/tiny-llama"))
+    common = dict(model="tiny-llama", prompt=PROMPT, max_tokens=6, extra_body={"cache": False})
+    forced = openai_client.completions.create(**common, temperature=0, logit_bias={"77": 100})
+    drawn = openai_client.completions.create(**common, temperature=1.0, seed=3, logit_bias={"77": 100})
+    assert forced.choices[0].text == drawn.choices[0].text == tok.decode([77] * 6)
+    first = openai_client.completions.create(**{**common, "max_tokens": 1}, temperature=0).choices[0].text
+    alike = {str(i): -100 for i in range(len(tok)) if tok.decode([i]) == first}  # every id that reads as it
+    assert alike
+    banned = openai_client.completions.create(**{**common, "max_tokens": 1}, temperature=0, logit_bias=alike)
+    assert banned.choices[0].text != first
+    res = http.post("/v1/completions", json={"prompt": PROMPT, "logit_bias": {"100000": 5}})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "logit_bias", res.text
+    res = http.post("/v1/completions", json={"prompt": PROMPT, "logit_bias": {"5": 101}})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "logit_bias", res.text
+    res = http.post("/v1/completions", json={"prompt": PROMPT, "presence_penalty": 2.5})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "presence_penalty", res.text
+
+
+def test_tokenize_counts_what_generation_reads_and_detokenize_inverts(openai_client, http) -> None:
+    res = http.post("/tokenize", json={"model": "tiny-llama", "prompt": PROMPT})
+    assert res.status_code == 200, res.text
+    body = res.json()
+    usage = openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=1, temperature=0).usage
+    assert body["count"] == len(body["tokens"]) == usage.prompt_tokens and body["max_model_len"] > body["count"]
+    messages = [{"role": "user", "content": "hi there"}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    chat_usage = openai_client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=1).usage
+    assert chat["count"] == chat_usage.prompt_tokens
+    plain = http.post("/tokenize", json={"prompt": PROMPT, "add_special_tokens": False}).json()
+    back = http.post("/detokenize", json={"model": "tiny-llama", "tokens": plain["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": PROMPT}
+    for route, bad, param in [
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+    ]:
+        res = http.post(route, json=bad)
+        assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text
+    assert http.post("/tokenize", json={"model": "other", "prompt": "a"}).status_code == 404
+
+
+def test_stop_token_ids_and_min_tokens(http) -> None:
+    """Token 77 is forced by a +100 bias: as a stop token it ends the output at once, and
+    min_tokens holds it back for exactly that many tokens."""
+    body = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logit_bias": {"77": 100}, "stop_token_ids": [77]}
+    body["cache"] = False
+    at_once = http.post("/v1/completions", json=body).json()
+    assert at_once["choices"][0]["finish_reason"] == "stop" and at_once["choices"][0]["text"] == ""
+    held = http.post("/v1/completions", json={**body, "min_tokens": 3}).json()
+    assert held["choices"][0]["finish_reason"] == "stop"
+    assert held["usage"]["completion_tokens"] == 4  # three others, then the stop token
+    res = http.post("/v1/completions", json={**body, "min_tokens": 9})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "min_tokens", res.text
+    res = http.post("/v1/completions", json={**body, "stop_token_ids": [10**9]})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "stop_token_ids", res.text
 
 
 def test_malformed_json_is_400(http) -> None:

@@ -72,6 +72,10 @@ def test_every_answer_changing_field_changes_the_key() -> None:
         GREEDY.model_copy(update={"repetition_penalty": 1.05}),
         GREEDY.model_copy(update={"top_k": 20}),
         GREEDY.model_copy(update={"min_p": 0.1}),
+        GREEDY.model_copy(update={"presence_penalty": 0.5}),
+        GREEDY.model_copy(update={"frequency_penalty": 0.5}),
+        GREEDY.model_copy(update={"logit_bias": {5: 10.0}}),
+        GREEDY.model_copy(update={"logit_bias": {5: -10.0}}),
     ]
     keys = [cache.key(v, fingerprint=FP) for v in variants]
     assert len(set(keys)) == len(variants)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from parallel.runner import SamplingSpec
@@ -70,3 +72,35 @@ def test_degenerate_temperatures_and_logits_never_fail_a_batch() -> None:
     assert sample_batch(row[None], [SamplingSpec(temperature=1.0)], [0], [0])[0].token_id == 7
     nan_row = torch.full((100,), float("nan"))
     assert 0 <= sample_batch(nan_row[None], [SamplingSpec(temperature=1.0)], [0], [0])[0].token_id < 100
+
+
+def test_presence_and_frequency_penalties_follow_openai_formula() -> None:
+    """A seen token loses count * frequency_penalty + presence_penalty: token 3 leads token 5 by
+    1.0 and was sampled twice, so the lead survives exactly while the penalty is below 1.0."""
+    row = torch.zeros(10)
+    row[3], row[5] = 2.0, 1.0
+    output = (3, 3, 8)
+
+    def pick(**penalties: float) -> int:
+        spec = SamplingSpec(**penalties)
+        return sample_batch(row[None], [spec], [0], [0], [()], [output])[0].token_id
+
+    assert pick() == 3
+    assert pick(frequency_penalty=0.45) == 3 and pick(frequency_penalty=0.55) == 5  # 2 x 0.45 < 1 < 2 x 0.55
+    assert pick(presence_penalty=0.9) == 3 and pick(presence_penalty=1.1) == 5  # counted once, however often
+    assert pick(frequency_penalty=-1.0) == 3  # negative penalties encourage repeats
+    # Without the output (the first token) nothing is penalized; logprobs stay the model's.
+    (tok,) = sample_batch(row[None], [SamplingSpec(presence_penalty=2.0, logprobs=1)], [0], [0], [()], [()])
+    assert tok.token_id == 3 and abs(tok.logprob - float(torch.log_softmax(row, -1)[3])) < 1e-6
+
+
+def test_logit_bias_shifts_the_sampled_distribution() -> None:
+    """Sampled at temperature 1 over two equal tokens, a bias of ln(3) on one makes it 3:1."""
+    row = torch.full((6,), -50.0)
+    row[1] = row[2] = 0.0
+    spec = SamplingSpec(temperature=1.0, logit_bias=((2, math.log(3.0)),))
+    drawn = [sample_batch(row[None], [spec], [seed], [0])[0].token_id for seed in range(2000)]
+    assert set(drawn) == {1, 2}
+    assert 0.70 < drawn.count(2) / len(drawn) < 0.80
+    greedy = sample_batch(row[None], [SamplingSpec(logit_bias=((4, 100.0),))], [0], [0])[0]
+    assert greedy.token_id == 4

@@ -22,10 +22,18 @@ from deployments.api.openai_format import (
     completion_chunk,
     usage_chunk,
 )
-from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest
+from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody
 from deployments.errors import InvalidRequest, ModelNotFound
 from deployments.streams import merge
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard, Usage
+from deployments.types import (
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    TokenizeRequest,
+    TokenizeResponse,
+    Usage,
+)
 
 
 class Backend(Protocol):
@@ -43,6 +51,10 @@ class Backend(Protocol):
     def generate_stream(self, request: GenerateRequest, version: int | None = None) -> AsyncIterator[GenerateChunk]: ...
 
     async def model_card(self, version: int | None = None) -> ModelCard: ...
+
+    async def tokenize(self, request: TokenizeRequest, version: int | None = None) -> TokenizeResponse: ...
+
+    async def detokenize(self, tokens: list[int], version: int | None = None) -> str: ...
 
 
 def check_model(backend: Backend, model: str | None) -> int | None:
@@ -102,6 +114,20 @@ def register(app: FastAPI, backend: Backend) -> None:
             for v in backend.versions:
                 data.append({**model_object(await backend.model_card(v)), "id": f"{backend.model_name}:{v}"})
         return {"object": "list", "data": data}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> TokenizeResponse:
+        """vLLM's route: the prompt's token ids as a generation would read them."""
+        version = check_model(backend, body.model)
+        try:
+            request = body.to_request()
+        except ValidationError as exc:
+            raise InvalidRequest(_first_error(exc), param="prompt") from None
+        return await backend.tokenize(request, version)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict[str, str]:
+        return {"prompt": await backend.detokenize(body.tokens, check_model(backend, body.model))}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request, response: Response):

@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
@@ -68,13 +68,20 @@ class LLMEngine:
         max_tokens: int,
         ignore_eos: bool,
         cache_salt: str | None = None,
+        stop_token_ids: Collection[int] = (),
+        min_tokens: int = 0,
     ) -> list[Sequence]:
         """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
-        `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'."""
+        `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'.
+        `stop_token_ids` end a sequence like EOS (even with ignore_eos); none of them nor EOS
+        is sampled before `min_tokens` outputs."""
         if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
             raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
-        stop = frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)
-        seqs = [Sequence(list(prompt_ids), spec, seed, max_tokens, stop, cache_salt=cache_salt) for spec, seed in samplings]
+        stop = (frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)) | frozenset(stop_token_ids)
+        seqs = [
+            Sequence(list(prompt_ids), spec, seed, max_tokens, stop, min_tokens=min_tokens, cache_salt=cache_salt)
+            for spec, seed in samplings
+        ]
         self._scheduler.add(seqs)
         self._ensure_loop()
         self._wakeup.set()
@@ -165,6 +172,8 @@ class LLMEngine:
             sample=s.samples,
             sample_seed=seq.step_seed(),
             penalty_tokens=(*seq.prompt_ids, *seq.output_ids) if penalized else (),
+            output_tokens=tuple(seq.output_ids) if s.samples and seq.sampling.counts_output else (),
+            banned_tokens=tuple(sorted(seq.stop_token_ids)) if s.samples and len(seq.output_ids) < seq.min_tokens else (),
         )
 
     def _apply(self, batch: list[Scheduled], output: StepOutput) -> None:

@@ -33,6 +33,7 @@ class Sequence:
     seed: int
     max_tokens: int
     stop_token_ids: frozenset[int]
+    min_tokens: int = 0  # the stop tokens cannot be sampled before this many outputs
     seq_id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.monotonic)
     output_ids: list[int] = field(default_factory=list)
