@@ -200,17 +200,18 @@ class Ingress:
 
     async def model_card(self, version: int | None = None) -> ModelCard:
         """The card of a served version (None: the newest, whatever the canary split)."""
-        v = self.versions[-1] if version is None else self.resolve_version(version)
-        return await self._cards.get(v)
+        return await self._cards.get(self._served(version))
 
     async def tokenize(self, request: TokenizeRequest, version: int | None = None) -> TokenizeResponse:
         """Token ids of a prompt or chat turns as the served version (None: the newest) reads them."""
-        v = self.versions[-1] if version is None else self.resolve_version(version)
-        return await self._llms[v].tokenize.remote(request)
+        return await self._llms[self._served(version)].tokenize.remote(request)
 
     async def detokenize(self, tokens: list[int], version: int | None = None) -> str:
-        v = self.versions[-1] if version is None else self.resolve_version(version)
-        return await self._llms[v].detokenize.remote(tokens)
+        return await self._llms[self._served(version)].detokenize.remote(tokens)
+
+    def _served(self, version: int | None) -> int:
+        """The version a call names; None: the newest (whatever the canary split)."""
+        return self.versions[-1] if version is None else self.resolve_version(version)
 
     async def metrics(self) -> str:
         """Prometheus text for every replica of the app (this one's counters as of now)."""

@@ -8,6 +8,8 @@ the server.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from deployments.config import LimitsConfig
 from deployments.errors import InvalidRequest
 from deployments.types import GenerateRequest
@@ -40,6 +42,10 @@ def check_token_ids(request: GenerateRequest, vocab_size: int) -> None:
         ("stop_token_ids", request.stop_token_ids),
     )
     for param, ids in named:
-        outside = [t for t in ids if not 0 <= t < vocab_size]
-        if outside:
-            raise InvalidRequest(f"token id {outside[0]} in {param} is outside the vocabulary", param=param)
+        check_in_vocabulary(param, ids, vocab_size)
+
+
+def check_in_vocabulary(param: str, ids: Iterable[int], vocab_size: int) -> None:
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise InvalidRequest(f"token id {outside[0]} in {param} is outside the vocabulary", param=param)

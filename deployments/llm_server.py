@@ -27,10 +27,11 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
-from deployments.limits import check_request, check_token_ids
+from deployments.limits import check_in_vocabulary, check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import StreamRecorder, merge
 from deployments.types import (
+    ChatMessage,
     EngineStats,
     FinishReason,
     GenerateChunk,
@@ -159,16 +160,11 @@ class LLMServer:
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         """The token ids a generation request with this prompt (or these chat turns) would feed
         the model: the count is its `usage.prompt_tokens`."""
-        if request.messages is not None:
-            ids = self._tokenizer.encode(self._checkpoint.render_chat(request.messages), add_special_tokens=False)
-        else:
-            ids = self._tokenizer.encode(request.prompt or "", add_special_tokens=request.add_special_tokens)
+        _, ids = self._encode(request.prompt, request.messages, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._info.max_model_len)
 
     async def detokenize(self, tokens: list[int]) -> str:
-        bad = [t for t in tokens if not 0 <= t < self._info.vocab_size]
-        if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary", param="tokens")
+        check_in_vocabulary("tokens", tokens, self._info.vocab_size)
         return self._tokenizer.decode(tokens)
 
     async def check_health(self) -> None:
@@ -198,15 +194,11 @@ class LLMServer:
         """Tokenize and check the request against the context window and the limits."""
         limits = self._args.limits
         check_token_ids(request, self._info.vocab_size)
-        if request.messages is not None:
-            prompt = self._checkpoint.render_chat(request.messages)
-            prompt_ids = self._tokenizer.encode(prompt, add_special_tokens=False)
-        elif request.prompt_token_ids is not None:
+        if request.prompt_token_ids is not None:
             prompt_ids = list(request.prompt_token_ids)
             prompt = self._tokenizer.decode(prompt_ids)
         else:
-            prompt = request.prompt or ""
-            prompt_ids = self._tokenizer.encode(prompt)
+            prompt, prompt_ids = self._encode(request.prompt, request.messages)
         if not prompt_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt" if request.messages is None else "messages")
         window = self._info.max_model_len
@@ -235,6 +227,17 @@ class LLMServer:
         if request.min_tokens > max_tokens:
             raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
         return prompt, prompt_ids, max_tokens
+
+    def _encode(
+        self, prompt: str | None, messages: list[ChatMessage] | None, add_special_tokens: bool = True
+    ) -> tuple[str, list[int]]:
+        """The text the model reads and its ids: chat turns through the template (which places
+        the special tokens itself), or a prompt with the tokenizer's own (BOS and the like)."""
+        if messages is not None:
+            text = self._checkpoint.render_chat(messages)
+            return text, self._tokenizer.encode(text, add_special_tokens=False)
+        text = prompt or ""
+        return text, self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def _run(
         self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int
