@@ -24,6 +24,7 @@ from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
+from deployments.engine.grammar import Constraint, ConstraintCompiler
 from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
@@ -65,6 +66,7 @@ class LLMServer:
         startup.lap("load_model")
         _log_context(self._info, self._checkpoint.sampling_defaults)
         self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
+        self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
         startup.lap("init_engine")
         self._created = int(time.time())
         context = serve.get_replica_context()
@@ -124,6 +126,9 @@ class LLMServer:
         check_request(request, self._args.limits)
         request = request.with_defaults(self._checkpoint.sampling_defaults)
         prompt, prompt_ids, max_tokens = self._prepare(request)
+        constraint = None
+        if request.structured_output is not None:  # compiling a large schema takes a while the first time
+            constraint = await asyncio.to_thread(self._constraints.compile, request.structured_output)
         # For the ingress's result cache: what the model read, and which checkpoint answers.
         first = {"prompt": prompt, "prompt_token_ids": prompt_ids, "model_fingerprint": self._checkpoint.fingerprint}
         if request.echo:
@@ -138,7 +143,7 @@ class LLMServer:
                     **(first if i == 0 else {}),
                 )
             first = {}
-        async for chunk in self._run(request, request_id, prompt_ids, max_tokens):
+        async for chunk in self._run(request, request_id, prompt_ids, max_tokens, constraint):
             if first:
                 chunk = chunk.model_copy(update=first)
                 first = {}
@@ -240,7 +245,7 @@ class LLMServer:
         return text, self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def _run(
-        self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int
+        self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int, constraint: Constraint | None
     ) -> AsyncIterator[GenerateChunk]:
         """Run the request's n sequences, merge their chunks as they come, enforce the timeout."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
@@ -264,6 +269,7 @@ class LLMServer:
             cache_salt=request.tenant,
             stop_token_ids=request.stop_token_ids,
             min_tokens=request.min_tokens,
+            constraint=constraint,
         )
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
@@ -369,7 +375,8 @@ class LLMServer:
             if (delta or want_logprobs) and now - last_sent >= interval:
                 yield chunk(delta, None)
                 delta, last_sent = "", now
-        yield chunk(delta + text.finish(), "length")
+        # The engine ended it: at the length limit, or (a stop token aside) its grammar complete.
+        yield chunk(delta + text.finish(), "stop" if seq.finish_reason == "stop" else "length")
 
 
 def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:

@@ -54,6 +54,35 @@ class SamplingDefaults(BaseModel):
         return cls.model_validate(named)
 
 
+class StructuredOutput(BaseModel):
+    """A constraint every output must satisfy, enforced token by token while sampling (a
+    grammar masks each step's logits), so that even a weak model's answer parses. Exactly one
+    field is set. OpenAI's `response_format` and vLLM's `structured_outputs` map onto it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    json_schema: dict[str, Any] | None = None
+    """A JSON schema the output validates against (objects take no properties it does not
+    name unless it allows them, as OpenAI's strict mode)."""
+    json_object: bool = False
+    """Any JSON object."""
+    regex: str | None = None
+    """A regular expression the whole output matches."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """An EBNF grammar (xgrammar's dialect, GBNF-like, rule `root` first) the output derives."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutput:
+        given = [self.json_schema is not None, self.json_object, self.regex is not None, self.choice is not None]
+        if sum([*given, self.grammar is not None]) != 1:
+            raise ValueError("give exactly one of json_schema, json_object, regex, choice, grammar")
+        if self.choice is not None and (not self.choice or any(not c for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return self
+
+
 class GenerateRequest(BaseModel):
     """One prompt (text, token ids, or chat messages) and how to continue it. A sampling field
     left None takes the model's default (its generation_config.json, as vLLM does), see
@@ -99,6 +128,8 @@ class GenerateRequest(BaseModel):
     """Return the sampled token's log-probability and this many top alternatives."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
+    structured_output: StructuredOutput | None = None
+    """Constrain every output to a JSON schema, a regex, a choice or a grammar."""
     tenant: str | None = None
     """Set by the ingress from the caller's API key; result-cache entries are partitioned by it."""
     cache: bool = True

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -98,6 +100,9 @@ class SequenceStep:
     penalty."""
     banned_tokens: tuple[int, ...] = ()
     """Tokens this step must not sample (its stop tokens, before the request's min_tokens)."""
+    allowed_tokens: torch.Tensor | None = None
+    """The only tokens this step may sample, when the output is constrained (structured
+    output): int32 words of 32 bits, bit j of word i standing for token 32i+j."""
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,12 @@ def sample_batch(
     penalty_tokens: list[tuple[int, ...]] | None = None,
     output_tokens: list[tuple[int, ...]] | None = None,
     banned_tokens: list[tuple[int, ...]] | None = None,
+    allowed_tokens: list[torch.Tensor | None] | None = None,
 ) -> list[SampledToken]:
     """Sample one token per logits row; `penalty_tokens[i]` are the tokens row i's repetition
     penalty applies to (prompt and output), `output_tokens[i]` those its presence and frequency
-    penalties count (the output), `banned_tokens[i]` those it must not pick this step.
+    penalties count (the output), `banned_tokens[i]` those it must not pick this step,
+    `allowed_tokens[i]` (a packed bitmask) the only ones it may pick.
 
     Greedy rows stay where the logits are (argmax and log-softmax on the device, one copy of the
     ids and their logprobs to the host); only rows drawn with a seeded generator, penalized or
@@ -42,6 +44,7 @@ def sample_batch(
     """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
+    logits = _constrain(logits, allowed_tokens)
     tokens = torch.argmax(logits, dim=-1)
     penalized = {i for i, spec in enumerate(specs) if spec.repetition_penalty != 1.0 and penalty_tokens and penalty_tokens[i]}
     counted = {i for i, spec in enumerate(specs) if spec.counts_output and output_tokens and output_tokens[i]}
@@ -80,6 +83,21 @@ def sample_batch(
         SampledToken(seq_id=seq_ids[i], token_id=ids[i], logprob=lps[i], top_logprobs=top.get(i, []))
         for i in range(len(specs))
     ]
+
+
+def _constrain(logits: torch.Tensor, allowed: list[torch.Tensor | None] | None) -> torch.Tensor:
+    """The logits with every token outside a row's allowed set at -inf (rows without a set as
+    they are); one masked write on the device for all constrained rows."""
+    rows = [i for i, mask in enumerate(allowed or []) if mask is not None]
+    if not rows:
+        return logits
+    words = torch.stack([allowed[i] for i in rows]).to(logits.device)  # type: ignore[index,misc]
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    permitted = ((words.unsqueeze(-1) >> bits) & 1).flatten(1)[:, : logits.shape[-1]].bool()
+    index = torch.tensor(rows, device=logits.device)
+    constrained = logits.clone()
+    constrained[index] = logits[index].masked_fill(~permitted, float("-inf"))
+    return constrained
 
 
 def _penalize(row: torch.Tensor, seen: tuple[int, ...], penalty: float) -> None:
@@ -134,5 +152,6 @@ def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
             [s.penalty_tokens for s in wanted],
             [s.output_tokens for s in wanted],
             [s.banned_tokens for s in wanted],
+            [s.allowed_tokens for s in wanted],
         )
     )

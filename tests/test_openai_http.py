@@ -181,8 +181,6 @@ def test_chat_bad_input_is_400(http) -> None:
         ("/v1/completions", "best_of", 3),
         ("/v1/completions", "suffix", " the end"),
         ("/v1/completions", "prompt_logprobs", 1),
-        ("/v1/completions", "guided_regex", "[ab]+"),
-        ("/v1/chat/completions", "response_format", {"type": "json_object"}),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/chat/completions", "reasoning_effort", "low"),

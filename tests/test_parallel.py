@@ -204,6 +204,12 @@ async def test_http_tokens_match_tp2_pp2(server, sharded_app) -> None:
     runner here and against transformers in test_architectures, and tp=2 over HTTP in
     test_rank_faults (greedy tokens against the unsharded app's)."""
     assert await http_texts(sharded_app) == await http_texts(server)
+    # A constrained sequence's mask travels with the step to the last stage, which samples.
+    body = {"prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0, "structured_outputs": {"regex": "[a-z]{2,6}-[0-9]{2}"}}
+    async with httpx.AsyncClient(timeout=120) as client:
+        sharded, local = [(await client.post(f"{base}/v1/completions", json=body)).json() for base in (sharded_app, server)]
+    assert sharded["choices"][0]["finish_reason"] == "stop"
+    assert sharded["choices"][0]["text"] == local["choices"][0]["text"]
 
 
 def test_killed_rank_fails_fast_then_replica_recovers(sharded_app) -> None:

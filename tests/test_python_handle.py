@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray import serve
 
-from deployments import GenerateChunk, GenerateRequest, GenerateResponse
+from deployments import GenerateChunk, GenerateRequest, GenerateResponse, StructuredOutput
 from deployments.errors import InvalidRequest
 
 from .conftest import APP_NAME
@@ -37,3 +37,22 @@ async def test_handle_bad_request_raises_typed_error(server) -> None:
         await handle.generate.remote(GenerateRequest(prompt="x", max_tokens=10_000))
     assert info.value.param == "max_tokens"
     assert info.value.status_code == 400
+
+
+async def test_handle_structured_output(server, http) -> None:
+    """The typed request's structured_output is what response_format maps to over HTTP."""
+    handle = serve.get_app_handle(APP_NAME)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    request = GenerateRequest(
+        prompt="Is it?", max_tokens=32, temperature=0, structured_output=StructuredOutput(json_schema=schema)
+    )
+    response = await handle.generate.remote(request)
+    assert response.outputs[0].finish_reason == "stop"
+    assert response.outputs[0].text in ('{"ok": true}', '{"ok": false}')
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    body = {"prompt": "Is it?", "max_tokens": 32, "temperature": 0, "response_format": response_format}
+    over_http = http.post("/v1/completions", json=body).json()
+    assert over_http["choices"][0]["text"] == response.outputs[0].text
+    with pytest.raises(InvalidRequest) as info:
+        await handle.generate.remote(GenerateRequest(prompt="x", structured_output=StructuredOutput(regex="(")))
+    assert info.value.param == "structured_output"

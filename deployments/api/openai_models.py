@@ -2,22 +2,83 @@
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.types import ChatMessage, GenerateRequest, TokenizeRequest, check_logit_bias
+from deployments.types import ChatMessage, GenerateRequest, StructuredOutput, TokenizeRequest, check_logit_bias
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        return self
+
+    def to_structured_output(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        assert self.json_schema is not None and self.json_schema.schema_ is not None
+        return StructuredOutput(json_schema=self.json_schema.schema_)
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @field_validator("json_", mode="before")
+    @classmethod
+    def _schema_text(cls, v: Any) -> Any:
+        """vLLM takes the schema as an object or as its JSON text."""
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON schema: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        self.to_structured_output()
+        return self
+
+    def to_structured_output(self) -> StructuredOutput:
+        return StructuredOutput(
+            json_schema=self.json_, json_object=bool(self.json_object), regex=self.regex, choice=self.choice, grammar=self.grammar
+        )
+
+
 # Fields of OpenAI's API (and vLLM's extensions) that would change the answer and that this
 # server does not honour yet, with the values that ask for nothing (what SDKs send by default).
 # Any other value is a 400 naming the field: a 200 that ignored it would pass for an answer.
 UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none", "auto"),
     "functions": ([],),
@@ -30,11 +91,6 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
     "store": (False,),
     "service_tier": ("auto", "default"),
     "prompt_logprobs": (),
-    "structured_outputs": (),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
     "best_of": (1,),
     "suffix": ("",),
 }
@@ -65,8 +121,15 @@ class _Common(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     cache: bool = True  # extension: false keeps this request out of the result cache
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (one of them per request).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None  # checked as structured_outputs' json
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Declared only to be refused when they ask for something (see UNHONOURED).
-    response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -79,11 +142,6 @@ class _Common(BaseModel):
     store: Any = None
     service_tier: Any = None
     prompt_logprobs: Any = None
-    structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -105,6 +163,32 @@ class _Common(BaseModel):
         if (isinstance(v, list) and any(not s for s in v)) or v == "":
             raise ValueError("stop strings must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _Common:
+        self.structured_output()  # raises for a malformed or doubled constraint
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        guided = {
+            "json": self.guided_json,
+            "regex": self.guided_regex,
+            "choice": self.guided_choice,
+            "grammar": self.guided_grammar,
+        }
+        legacy = {k: v for k, v in guided.items() if v is not None}
+        given = [
+            c
+            for c in (
+                self.response_format.to_structured_output() if self.response_format else None,
+                self.structured_outputs.to_structured_output() if self.structured_outputs else None,
+                StructuredOutputs.model_validate(legacy).to_structured_output() if legacy else None,
+            )
+            if c is not None
+        ]
+        if len(given) > 1:
+            raise ValueError("give one of response_format, structured_outputs, guided_* (one constraint per request)")
+        return given[0] if given else None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -128,6 +212,7 @@ class _Common(BaseModel):
             "n": self.n,
             "ignore_eos": self.ignore_eos,
             "cache": self.cache,
+            "structured_output": self.structured_output(),
         }
 
 

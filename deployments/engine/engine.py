@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
+from deployments.engine.grammar import Constraint
 from deployments.engine.scheduler import Scheduled, Scheduler, Sequence
 from deployments.errors import EngineFault, Overloaded
 from deployments.types import EngineStats
@@ -70,16 +71,27 @@ class LLMEngine:
         cache_salt: str | None = None,
         stop_token_ids: Collection[int] = (),
         min_tokens: int = 0,
+        constraint: Constraint | None = None,
     ) -> list[Sequence]:
         """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
         `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'.
         `stop_token_ids` end a sequence like EOS (even with ignore_eos); none of them nor EOS
-        is sampled before `min_tokens` outputs."""
+        is sampled before `min_tokens` outputs. With a `constraint` every output follows its
+        grammar and ends ("stop") when the grammar is complete."""
         if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
             raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
         stop = (frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)) | frozenset(stop_token_ids)
         seqs = [
-            Sequence(list(prompt_ids), spec, seed, max_tokens, stop, min_tokens=min_tokens, cache_salt=cache_salt)
+            Sequence(
+                list(prompt_ids),
+                spec,
+                seed,
+                max_tokens,
+                stop,
+                min_tokens=min_tokens,
+                cache_salt=cache_salt,
+                constraint=constraint.start() if constraint is not None else None,
+            )
             for spec, seed in samplings
         ]
         self._scheduler.add(seqs)
@@ -174,6 +186,7 @@ class LLMEngine:
             penalty_tokens=(*seq.prompt_ids, *seq.output_ids) if penalized else (),
             output_tokens=tuple(seq.output_ids) if s.samples and seq.sampling.counts_output else (),
             banned_tokens=tuple(sorted(seq.stop_token_ids)) if s.samples and len(seq.output_ids) < seq.min_tokens else (),
+            allowed_tokens=seq.constraint.allowed_tokens() if s.samples and seq.constraint is not None else None,
         )
 
     def _apply(self, batch: list[Scheduled], output: StepOutput) -> None:
@@ -196,8 +209,20 @@ class LLMEngine:
             seq.queue.put_nowait(tok)
             if tok.token_id in seq.stop_token_ids:
                 self._end(seq, "stop")
+            elif seq.constraint is not None and not self._follows(seq, tok.token_id):
+                self._end(seq, "stop")
             elif len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self._info.max_model_len:
                 self._end(seq, "length")
+
+    @staticmethod
+    def _follows(seq: Sequence, token_id: int) -> bool:
+        """Advance seq's grammar; False when it is complete (or, were the sampler to pick a
+        token outside the mask, broken): the output ends there either way."""
+        assert seq.constraint is not None
+        if not seq.constraint.accept(token_id):
+            logger.warning("sequence %d: token %d is outside its grammar; ending the output", seq.seq_id, token_id)
+            return False
+        return not seq.constraint.finished
 
     def _end(self, seq: Sequence, reason: str) -> None:
         self._scheduler.finish(seq)

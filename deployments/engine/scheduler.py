@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
+from deployments.engine.grammar import ConstraintState
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.runner import SampledToken, SamplingSpec
 
@@ -43,6 +44,7 @@ class Sequence:
     finish_reason: str | None = None
     aborted: bool = False
     cache_salt: str | None = None  # the tenant: its prefix-cache blocks are its own
+    constraint: ConstraintState | None = None  # structured output: the grammar it follows
     scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
