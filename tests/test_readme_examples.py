@@ -19,7 +19,7 @@ def localize(code: str, server: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert set(EXAMPLES) == {"curl", "openai", "tfserving", "handle"}
+    assert set(EXAMPLES) == {"curl", "openai", "structured", "tfserving", "handle"}
 
 
 @pytest.mark.parametrize("name", ["curl", "tfserving"])
@@ -36,6 +36,14 @@ def test_openai_example(server, capsys) -> None:
     code = localize(EXAMPLES["openai"], server)
     exec(compile(code, "README:openai", "exec"), {"__name__": "__main__"})
     assert "completion_tokens" in capsys.readouterr().out
+
+
+def test_structured_output_example(server, capsys) -> None:
+    code = localize(EXAMPLES["structured"], server)
+    exec(compile(code, "README:structured", "exec"), {"__name__": "__main__"})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("{'city': ") and "'population': " in lines[0], lines  # json.loads parsed it
+    assert len(lines) == 4 and all(line.endswith(" stop") for line in lines[1:]), lines
 
 
 def test_handle_example_runs_as_a_separate_process(server) -> None:
