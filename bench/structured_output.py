@@ -116,7 +116,7 @@ def render(report: dict[str, Any]) -> str:
     lines = [
         f"Structured output cost ({report['model']}, greedy, streamed, 160 max tokens)",
         "",
-        "| c | system | TPOT p50 free | TPOT p50 json_schema | ratio | tok/s free | tok/s json_schema | tokens/request json_schema |",
+        "| c | system | TPOT p50 free | TPOT p50 json_schema | ratio | tok/s free | tok/s schema | tokens/req schema |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c, systems in report["levels"].items():
