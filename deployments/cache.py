@@ -175,6 +175,7 @@ def replay(response: GenerateResponse) -> list[GenerateChunk]:
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
             logprobs=out.logprobs,
+            prompt_logprobs=out.prompt_logprobs,
             prompt_tokens=response.usage.prompt_tokens,
             completion_tokens=len(out.token_ids),
             cached=True,

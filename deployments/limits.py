@@ -26,6 +26,8 @@ def check_request(request: GenerateRequest, limits: LimitsConfig) -> None:
         raise InvalidRequest(f"max_tokens must be at most {limits.max_tokens}, got {request.max_tokens}", param="max_tokens")
     if request.logprobs is not None and request.logprobs > limits.max_logprobs:
         raise InvalidRequest(f"logprobs must be at most {limits.max_logprobs}", param="logprobs")
+    if request.prompt_logprobs is not None and request.prompt_logprobs > limits.max_logprobs:
+        raise InvalidRequest(f"prompt_logprobs must be at most {limits.max_logprobs}", param="prompt_logprobs")
     if request.messages is not None:
         if not request.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
@@ -49,3 +51,35 @@ def check_in_vocabulary(param: str, ids: Iterable[int], vocab_size: int) -> None
     outside = [t for t in ids if not 0 <= t < vocab_size]
     if outside:
         raise InvalidRequest(f"token id {outside[0]} in {param} is outside the vocabulary", param=param)
+
+
+def check_budget(request: GenerateRequest, prompt_tokens: int, window: int, limits: LimitsConfig, default_cap: int | None) -> int:
+    """The request's max_tokens once its prompt is tokenized: what it asked for, or the rest of
+    the context window capped by the limits and the checkpoint's max_new_tokens (`default_cap`);
+    a prompt or budget the window (or the limits) cannot take is a 400."""
+    prompt_param = "prompt" if request.messages is None else "messages"
+    if limits.max_prompt_tokens is not None and prompt_tokens > limits.max_prompt_tokens:
+        raise InvalidRequest(
+            f"prompt is {prompt_tokens} tokens; at most {limits.max_prompt_tokens} are allowed",
+            param=prompt_param,
+            code="prompt_too_long",
+        )
+    if prompt_tokens >= window:
+        raise InvalidRequest(
+            f"prompt is {prompt_tokens} tokens; the context window is {window} tokens",
+            param="prompt",
+            code="context_length_exceeded",
+        )
+    max_tokens = request.max_tokens if request.max_tokens is not None else window - prompt_tokens
+    if request.max_tokens is None:
+        for cap in (limits.max_tokens, default_cap):
+            max_tokens = min(max_tokens, cap or max_tokens)
+    if prompt_tokens + max_tokens > window:
+        raise InvalidRequest(
+            f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the context window of {window} tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    if request.min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+    return max_tokens

@@ -25,10 +25,10 @@ from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.grammar import Constraint, ConstraintCompiler
-from deployments.engine.output import OutputText, to_token_logprob
+from deployments.engine.output import OutputText, prompt_logprobs, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
-from deployments.limits import check_in_vocabulary, check_request, check_token_ids
+from deployments.limits import check_budget, check_in_vocabulary, check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import StreamRecorder, merge
 from deployments.types import (
@@ -131,19 +131,7 @@ class LLMServer:
             constraint = await asyncio.to_thread(self._constraints.compile, request.structured_output)
         # For the ingress's result cache: what the model read, and which checkpoint answers.
         first = {"prompt": prompt, "prompt_token_ids": prompt_ids, "model_fingerprint": self._checkpoint.fingerprint}
-        if request.echo:
-            for i in range(request.n):
-                yield GenerateChunk(
-                    request_id=request_id,
-                    index=i,
-                    text=prompt,
-                    token_ids=[],
-                    prompt_tokens=len(prompt_ids),
-                    completion_tokens=0,
-                    **(first if i == 0 else {}),
-                )
-            first = {}
-        async for chunk in self._run(request, request_id, prompt_ids, max_tokens, constraint):
+        async for chunk in self._run(request, request_id, prompt, prompt_ids, max_tokens, constraint):
             if first:
                 chunk = chunk.model_copy(update=first)
                 first = {}
@@ -206,31 +194,9 @@ class LLMServer:
             prompt, prompt_ids = self._encode(request.prompt, request.messages)
         if not prompt_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt" if request.messages is None else "messages")
-        window = self._info.max_model_len
-        if limits.max_prompt_tokens is not None and len(prompt_ids) > limits.max_prompt_tokens:
-            raise InvalidRequest(
-                f"prompt is {len(prompt_ids)} tokens; at most {limits.max_prompt_tokens} are allowed",
-                param="prompt" if request.messages is None else "messages",
-                code="prompt_too_long",
-            )
-        if len(prompt_ids) >= window:
-            raise InvalidRequest(
-                f"prompt is {len(prompt_ids)} tokens; the context window is {window} tokens",
-                param="prompt",
-                code="context_length_exceeded",
-            )
-        max_tokens = request.max_tokens if request.max_tokens is not None else window - len(prompt_ids)
-        if request.max_tokens is None:
-            for cap in (limits.max_tokens, self._checkpoint.sampling_defaults.max_tokens):
-                max_tokens = min(max_tokens, cap or max_tokens)
-        if len(prompt_ids) + max_tokens > window:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the context window of {window} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        if request.min_tokens > max_tokens:
-            raise InvalidRequest(f"min_tokens ({request.min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+        max_tokens = check_budget(
+            request, len(prompt_ids), self._info.max_model_len, limits, self._checkpoint.sampling_defaults.max_tokens
+        )
         return prompt, prompt_ids, max_tokens
 
     def _encode(
@@ -245,9 +211,17 @@ class LLMServer:
         return text, self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def _run(
-        self, request: GenerateRequest, request_id: str, prompt_ids: list[int], max_tokens: int, constraint: Constraint | None
+        self,
+        request: GenerateRequest,
+        request_id: str,
+        prompt: str,
+        prompt_ids: list[int],
+        max_tokens: int,
+        constraint: Constraint | None,
     ) -> AsyncIterator[GenerateChunk]:
-        """Run the request's n sequences, merge their chunks as they come, enforce the timeout."""
+        """Run the request's n sequences, merge their chunks as they come, enforce the timeout.
+        The echoed prompt (with its logprobs) and vLLM's prompt logprobs come first, once the
+        prompt is read."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
         spec = SamplingSpec(
             temperature=request.temperature,  # type: ignore[arg-type]  # set by with_defaults
@@ -270,6 +244,7 @@ class LLMServer:
             stop_token_ids=request.stop_token_ids,
             min_tokens=request.min_tokens,
             constraint=constraint,
+            prompt_top_logprobs=request.prompt_top_logprobs,
         )
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
@@ -277,6 +252,11 @@ class LLMServer:
         merged = merge([self._stream_one(request, request_id, i, seq, len(prompt_ids)) for i, seq in enumerate(seqs)])
         outcome = "error"
         try:
+            if request.echo or request.prompt_logprobs is not None:
+                async with asyncio.timeout_at(deadline):
+                    prompt_chunks = await self._prompt_chunks(request, request_id, prompt, prompt_ids, seqs[0])
+                for prompt_chunk in prompt_chunks:
+                    yield prompt_chunk
             while True:
                 try:
                     async with asyncio.timeout_at(deadline):
@@ -306,6 +286,29 @@ class LLMServer:
             if self._args.log_prompts:
                 outputs = [self._tokenizer.decode(s.output_ids) for s in seqs]
                 logger.info("request %s: prompt=%r outputs=%r", request_id, self._tokenizer.decode(prompt_ids), outputs)
+
+    async def _prompt_chunks(
+        self, request: GenerateRequest, request_id: str, prompt: str, prompt_ids: list[int], first: Sequence
+    ) -> list[GenerateChunk]:
+        """One chunk per output before its tokens: the prompt's text with `echo`, its tokens'
+        logprobs with `echo` and `logprobs` (OpenAI's completions) or with `prompt_logprobs`."""
+        scores = None
+        if first.prompt_top_logprobs is not None:
+            await first.prompt_read.wait()
+            scores = prompt_logprobs(self._tokenizer, prompt_ids, first.prompt_scores)
+        return [
+            GenerateChunk(
+                request_id=request_id,
+                index=i,
+                text=prompt if request.echo else "",
+                token_ids=[],
+                logprobs=scores if request.echo and request.logprobs is not None else None,
+                prompt_logprobs=scores if request.prompt_logprobs is not None else None,
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=0,
+            )
+            for i in range(request.n)
+        ]
 
     def _observe(self, seqs: list[Sequence], started: float, outcome: str) -> None:
         m, now = self._metrics, time.monotonic()

@@ -54,6 +54,7 @@ class StreamRecorder:
         self._text: dict[int, list[str]] = {i: [] for i in range(n)}
         self._ids: dict[int, list[int]] = {i: [] for i in range(n)}
         self._logprobs: dict[int, list] = {i: [] for i in range(n)}
+        self._prompt_logprobs: dict[int, list] = {}
         self._finish: dict[int, str] = {}
         self._first: GenerateChunk | None = None
 
@@ -64,6 +65,8 @@ class StreamRecorder:
         self._ids[chunk.index].extend(chunk.token_ids)
         if chunk.logprobs is not None:
             self._logprobs[chunk.index].extend(chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            self._prompt_logprobs[chunk.index] = chunk.prompt_logprobs
         if chunk.finish_reason is not None:
             self._finish[chunk.index] = chunk.finish_reason
 
@@ -79,6 +82,7 @@ class StreamRecorder:
                 token_ids=self._ids[i],
                 finish_reason=self._finish[i],  # type: ignore[arg-type]
                 logprobs=self._logprobs[i] if with_logprobs else None,
+                prompt_logprobs=self._prompt_logprobs.get(i),
             )
             for i in self._text
         ]

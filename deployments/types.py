@@ -125,9 +125,14 @@ class GenerateRequest(BaseModel):
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    """Return the sampled token's log-probability and this many top alternatives."""
+    """Return the sampled token's log-probability and this many top alternatives; with `echo`
+    the prompt tokens' too (the first has none), as OpenAI's completions do."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    """Return each prompt token's log-probability and this many top alternatives in
+    `CompletionOutput.prompt_logprobs` (vLLM's); its prompt is computed, not taken from the
+    prefix cache."""
     structured_output: StructuredOutput | None = None
     """Constrain every output to a JSON schema, a regex, a choice or a grammar."""
     tenant: str | None = None
@@ -153,6 +158,13 @@ class GenerateRequest(BaseModel):
         engine runs, and what the result cache keys on (its answer depends on them)."""
         unset = {k: getattr(defaults, k) for k in _SAMPLING_FIELDS if getattr(self, k) is None}
         return self.model_copy(update=unset) if unset else self
+
+    @property
+    def prompt_top_logprobs(self) -> int | None:
+        """Alternatives each prompt token's logprob comes with, or None: the prompt is not
+        scored (it is for `prompt_logprobs`, and for `logprobs` with `echo`)."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     @property
     def reproducible(self) -> bool:
@@ -198,8 +210,13 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalt
 class TokenLogprob(BaseModel):
     token: str
     token_id: int
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token: nothing predicts it."""
     top_logprobs: list[tuple[str, float]] = Field(default_factory=list)
+    rank: int | None = None
+    """Its place in the model's distribution (1: the most likely); for prompt tokens."""
+    top_token_ids: list[int] | None = None
+    """The ids of `top_logprobs`, for prompt tokens (vLLM keys its prompt logprobs by id)."""
 
 
 class CompletionOutput(BaseModel):
@@ -208,6 +225,8 @@ class CompletionOutput(BaseModel):
     token_ids: list[int]
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """With `GenerateRequest.prompt_logprobs`: one per prompt token."""
 
 
 class Usage(BaseModel):
@@ -239,6 +258,8 @@ class GenerateChunk(BaseModel):
     token_ids: list[int]
     finish_reason: FinishReason | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """On an output's first chunk, with `GenerateRequest.prompt_logprobs`: one per prompt token."""
     prompt_tokens: int
     completion_tokens: int
     """Tokens generated so far for this output."""

@@ -127,9 +127,12 @@ class DistributedModelRunner:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise RunnerFault(self._fault) from exc
         tokens: list[SampledToken] = []
-        for per_mb in refs:
-            tokens.extend(ray.get(per_mb[last_rank]).tokens)
-        return StepOutput(tokens=tokens)
+        scores: list[SampledToken] = []
+        for per_mb in refs:  # micro-batches keep the step's sequence order
+            out = ray.get(per_mb[last_rank])
+            tokens.extend(out.tokens)
+            scores.extend(out.prompt_logprobs)
+        return StepOutput(tokens=tokens, prompt_logprobs=scores)
 
     def logits(self, step_input: StepInput):
         """Last-stage logits for a step, whole (tests compare them with an unsharded model)."""

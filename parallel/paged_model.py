@@ -82,7 +82,7 @@ class PreparedBatch:
     slots: torch.Tensor  # [T] where each new token's K/V goes in the flat pool
     decode_groups: list[DecodeGroup]  # single-token sequences, bucketed by context length
     prefills: list[Prefill]
-    logit_rows: torch.Tensor  # [S] flat rows whose logits are sampled
+    logit_rows: torch.Tensor  # [S + P] flat rows whose logits are sampled, then those scoring prompt targets
 
 
 def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
@@ -94,6 +94,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
     decode_lens: list[int] = []
     prefills: list[Prefill] = []
     logit_rows: list[int] = []
+    prompt_rows: list[int] = []
     for seq in step.seqs:
         row, n, start = len(ids), len(seq.token_ids), seq.start_pos
         ctx_len = start + n
@@ -112,6 +113,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
             prefills.append(Prefill(row, n, start, blocks.to(device)))
         if seq.sample:
             logit_rows.append(row + n - 1)
+        prompt_rows.extend(range(row, row + len(seq.prompt_targets)))
     groups = []
     for members in bucket_by_length(decode_lens):
         width = max(len(decode_tables[i]) for i in members)
@@ -133,7 +135,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
         slots=torch.cat(slot_parts).to(device),
         decode_groups=groups,
         prefills=prefills,
-        logit_rows=as_long(logit_rows),
+        logit_rows=as_long(logit_rows + prompt_rows),
     )
 
 

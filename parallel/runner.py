@@ -103,6 +103,11 @@ class SequenceStep:
     allowed_tokens: torch.Tensor | None = None
     """The only tokens this step may sample, when the output is constrained (structured
     output): int32 words of 32 bits, bit j of word i standing for token 32i+j."""
+    prompt_targets: tuple[int, ...] = ()
+    """Prompt tokens whose log-probabilities this step reports (prompt logprobs): the tokens
+    after each fed position in turn, as far as the prompt goes, predicted by its logits."""
+    prompt_top_logprobs: int = 0
+    """Alternatives reported with each of `prompt_targets`."""
 
 
 @dataclass(frozen=True)
@@ -116,11 +121,15 @@ class SampledToken:
     token_id: int
     logprob: float
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
+    """Its place in the distribution (1: the most likely), where reported (prompt logprobs)."""
 
 
 @dataclass(frozen=True)
 class StepOutput:
     tokens: list[SampledToken]
+    prompt_logprobs: list[SampledToken] = field(default_factory=list)
+    """One per prompt target of the step, in input order (`token_id` is the target)."""
 
 
 @dataclass(frozen=True)

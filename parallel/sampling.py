@@ -141,11 +141,13 @@ def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> 
 
 
 def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
-    """Sample for the sequences of a step that want a token (one logits row each, in order)."""
+    """Sample for the sequences of a step that want a token (one logits row each, in order),
+    then score the prompt targets (the rows after those, see paged_model.prepare)."""
     wanted = [s for s in step_input.seqs if s.sample]
     return StepOutput(
+        prompt_logprobs=score_prompt(logits[len(wanted) :], step_input),
         tokens=sample_batch(
-            logits,
+            logits[: len(wanted)],
             [s.sampling for s in wanted],
             [s.sample_seed for s in wanted],
             [s.seq_id for s in wanted],
@@ -155,3 +157,27 @@ def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
             [s.allowed_tokens for s in wanted],
         )
     )
+
+
+def score_prompt(logits: torch.Tensor, step_input: StepInput) -> list[SampledToken]:
+    """Each prompt target's log-probability under the model (and its top alternatives): row r
+    of `logits` predicts target r, sequences in input order."""
+    scored = [s for s in step_input.seqs if s.prompt_targets]
+    if not scored:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.tensor([t for s in scored for t in s.prompt_targets], device=logits.device)
+    chosen_values = logprobs.gather(1, targets[:, None])
+    ranks = ((logprobs > chosen_values).sum(dim=-1) + 1).tolist()
+    chosen = chosen_values[:, 0].tolist()
+    k = min(max(s.prompt_top_logprobs for s in scored), logprobs.shape[-1])
+    top_values, top_ids = (torch.topk(logprobs, k) if k else (torch.empty(len(targets), 0),) * 2)
+    values, ids = top_values.tolist(), top_ids.tolist()
+    out, row = [], 0
+    for s in scored:
+        for target in s.prompt_targets:
+            n = s.prompt_top_logprobs
+            top = list(zip(ids[row][:n], values[row][:n], strict=True))
+            out.append(SampledToken(s.seq_id, target, chosen[row], top, rank=ranks[row]))
+            row += 1
+    return out

@@ -180,7 +180,6 @@ def test_chat_bad_input_is_400(http) -> None:
         ("/v1/completions", "audio", {"voice": "alloy", "format": "wav"}),
         ("/v1/completions", "best_of", 3),
         ("/v1/completions", "suffix", " the end"),
-        ("/v1/completions", "prompt_logprobs", 1),
         ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
         ("/v1/chat/completions", "tool_choice", "required"),
         ("/v1/chat/completions", "reasoning_effort", "low"),
@@ -207,9 +206,6 @@ def test_neutral_values_of_unhonoured_fields_pass(openai_client) -> None:
         store=False,
     )
     assert res.choices[0].finish_reason == "length"
-    with pytest.raises(openai.BadRequestError) as info:
-        openai_client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
-    assert info.value.body["param"] == "logprobs"
 
 
 def test_logit_bias_forces_and_bans_tokens(openai_client, http) -> None:

@@ -18,9 +18,27 @@ def completion_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | No
     return {
         "tokens": [it.token for it in items],
         "token_logprobs": [it.logprob for it in items],
-        "top_logprobs": [dict(it.top_logprobs) for it in items],
+        # A prompt's first token has neither (with echo), as in OpenAI's and vLLM's answers.
+        "top_logprobs": [dict(it.top_logprobs) if it.logprob is not None else None for it in items],
         "text_offset": offsets,
     }
+
+
+def vllm_prompt_logprobs(items: list[TokenLogprob] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token, its own and its top alternatives' logprobs
+    keyed by token id (None for the first token)."""
+    if items is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for it in items:
+        if it.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(it.token_id): {"logprob": it.logprob, "rank": it.rank, "decoded_token": it.token}}
+        for rank, (token_id, (token, logprob)) in enumerate(zip(it.top_token_ids or [], it.top_logprobs, strict=True), start=1):
+            entry.setdefault(str(token_id), {"logprob": logprob, "rank": rank, "decoded_token": token})
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -37,6 +55,11 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
             for it in items
         ]
     }
+
+
+def _prompt_logprobs_field(items: list[TokenLogprob] | None) -> dict[str, Any]:
+    """vLLM's `prompt_logprobs` key where they were asked for, nothing otherwise."""
+    return {} if items is None else {"prompt_logprobs": vllm_prompt_logprobs(items)}
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -56,6 +79,7 @@ def completion_body(request_id: str, model: str, created: int, responses: list[G
             "text": out.text,
             "logprobs": completion_logprobs(out.logprobs),
             "finish_reason": out.finish_reason,
+            **_prompt_logprobs_field(out.prompt_logprobs),
         }
         for p, r in enumerate(responses)
         for out in r.outputs
@@ -86,6 +110,7 @@ def chat_body(request_id: str, model: str, created: int, response: GenerateRespo
             for out in response.outputs
         ],
         "usage": usage_dict(response.usage),
+        **_prompt_logprobs_field(response.outputs[0].prompt_logprobs),  # vLLM's: once per answer
     }
 
 
@@ -101,6 +126,7 @@ def completion_chunk(request_id: str, model: str, created: int, index: int, chun
                 "text": chunk.text,
                 "logprobs": completion_logprobs(chunk.logprobs),
                 "finish_reason": chunk.finish_reason,
+                **_prompt_logprobs_field(chunk.prompt_logprobs),
             }
         ],
     }

@@ -90,7 +90,6 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
     "reasoning_effort": (),
     "store": (False,),
     "service_tier": ("auto", "default"),
-    "prompt_logprobs": (),
     "best_of": (1,),
     "suffix": ("",),
 }
@@ -113,6 +112,7 @@ class _Common(BaseModel):
     logit_bias: dict[int, float] | None = None  # JSON's string keys are token ids
     min_tokens: int = Field(default=0, ge=0)  # vLLM's extension, as is stop_token_ids
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: the prompt tokens' logprobs
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
@@ -141,7 +141,6 @@ class _Common(BaseModel):
     reasoning_effort: Any = None
     store: Any = None
     service_tier: Any = None
-    prompt_logprobs: Any = None
     best_of: Any = None
     suffix: Any = None
 
@@ -207,6 +206,7 @@ class _Common(BaseModel):
             "logit_bias": self.logit_bias,
             "min_tokens": self.min_tokens,
             "stop_token_ids": self.stop_token_ids or [],
+            "prompt_logprobs": self.prompt_logprobs,
             "seed": self.seed,
             "stop": self.stop_list(),
             "n": self.n,
@@ -221,13 +221,6 @@ class CompletionRequest(_Common):
     max_tokens: int | None = Field(default=16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM allows 20 alternatives (OpenAI 5)
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_prompt_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and info.data.get("echo"):
-            raise ValueError("logprobs with echo (the prompt tokens' logprobs) is not supported yet; use one or the other")
-        return v
 
     def to_generate_requests(self) -> list[GenerateRequest]:
         """One GenerateRequest per prompt (a list of strings or of token lists is a batch)."""
@@ -253,6 +246,12 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_whole_only(self) -> ChatCompletionRequest:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not supported with stream on chat completions (as in vLLM)")
+        return self
 
     def to_generate_request(self) -> GenerateRequest:
         return GenerateRequest(

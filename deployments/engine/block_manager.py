@@ -71,18 +71,19 @@ class BlockManager:
 
     # ---- allocation ------------------------------------------------------------------------
 
-    def allocate_prompt(self, tokens: list[int], reserve: int = 1, salt: str | None = None) -> BlockTable:
+    def allocate_prompt(self, tokens: list[int], reserve: int = 1, salt: str | None = None, reuse: bool = True) -> BlockTable:
         """Blocks for a new sequence's tokens plus `reserve` more token slots.
 
         Leading full blocks found in the prefix cache are shared, never recomputed; at least the
         last token is always left to compute, since its logits are needed. Raises NoFreeBlocks
         (allocating nothing) when the pool cannot hold it. A `salt` (the tenant) starts the hash
-        chain, so prompts of different tenants never share cached blocks.
+        chain, so prompts of different tenants never share cached blocks. `reuse=False` computes
+        every token (its blocks are still indexed for others once computed).
         """
         table = BlockTable(root=None if salt is None else hash(("salt", salt)))
         cached: list[int] = []
         hashes: list[int] = []
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and reuse:
             usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
             hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, table.root)
             for h in hashes:

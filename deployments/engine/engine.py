@@ -72,12 +72,15 @@ class LLMEngine:
         stop_token_ids: Collection[int] = (),
         min_tokens: int = 0,
         constraint: Constraint | None = None,
+        prompt_top_logprobs: int | None = None,
     ) -> list[Sequence]:
         """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
         `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'.
         `stop_token_ids` end a sequence like EOS (even with ignore_eos); none of them nor EOS
         is sampled before `min_tokens` outputs. With a `constraint` every output follows its
-        grammar and ends ("stop") when the grammar is complete."""
+        grammar and ends ("stop") when the grammar is complete. With `prompt_top_logprobs` the
+        first sequence scores its prompt tokens (`Sequence.prompt_scores`, complete once
+        `prompt_read` is set)."""
         if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
             raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
         stop = (frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)) | frozenset(stop_token_ids)
@@ -91,8 +94,9 @@ class LLMEngine:
                 min_tokens=min_tokens,
                 cache_salt=cache_salt,
                 constraint=constraint.start() if constraint is not None else None,
+                prompt_top_logprobs=prompt_top_logprobs if i == 0 else None,
             )
-            for spec, seed in samplings
+            for i, (spec, seed) in enumerate(samplings)
         ]
         self._scheduler.add(seqs)
         self._ensure_loop()
@@ -175,6 +179,9 @@ class LLMEngine:
         seq = s.seq
         assert seq.table is not None
         penalized = s.samples and seq.sampling.repetition_penalty != 1.0
+        targets: list[int] = []
+        if seq.scores_prompt and len(seq.prompt_scores) == s.start:  # not again after a preemption
+            targets = seq.prompt_ids[s.start + 1 : s.start + s.num_tokens + 1]
         return SequenceStep(
             seq_id=seq.seq_id,
             token_ids=seq.tokens(s.start, s.start + s.num_tokens),
@@ -187,14 +194,22 @@ class LLMEngine:
             output_tokens=tuple(seq.output_ids) if s.samples and seq.sampling.counts_output else (),
             banned_tokens=tuple(sorted(seq.stop_token_ids)) if s.samples and len(seq.output_ids) < seq.min_tokens else (),
             allowed_tokens=seq.constraint.allowed_tokens() if s.samples and seq.constraint is not None else None,
+            prompt_targets=tuple(targets),
+            prompt_top_logprobs=seq.prompt_top_logprobs or 0,
         )
 
     def _apply(self, batch: list[Scheduled], output: StepOutput) -> None:
         sampled = iter(output.tokens)
+        scores = iter(output.prompt_logprobs)
         now = time.monotonic()
         for s in batch:
             seq = s.seq
+            if seq.scores_prompt and len(seq.prompt_scores) == s.start:  # as _feed asked
+                count = min(s.start + s.num_tokens + 1, len(seq.prompt_ids)) - (s.start + 1)
+                seq.prompt_scores.extend(next(scores) for _ in range(count))
             seq.num_computed = s.start + s.num_tokens
+            if seq.num_computed >= len(seq.prompt_ids):
+                seq.prompt_read.set()
             if seq.table is not None:
                 self._blocks.register_full_blocks(seq.table, seq.tokens, seq.num_computed)
             if not s.samples:
@@ -226,6 +241,7 @@ class LLMEngine:
 
     def _end(self, seq: Sequence, reason: str) -> None:
         self._scheduler.finish(seq)
+        seq.prompt_read.set()  # nobody waits for a prompt that will not be read
         if seq.finish_reason is None:
             seq.finish_reason = reason
             seq.queue.put_nowait(None)
@@ -234,5 +250,6 @@ class LLMEngine:
         for seq in [*self._scheduler.running, *self._scheduler.waiting]:
             self._scheduler.finish(seq)
             seq.finish_reason = "error"
+            seq.prompt_read.set()
             seq.queue.put_nowait(error)
         self._scheduler.waiting.clear()

@@ -75,4 +75,13 @@ def to_token_logprob(tokenizer: PreTrainedTokenizerBase, tok: SampledToken) -> T
         token_id=tok.token_id,
         logprob=tok.logprob,
         top_logprobs=[(piece(i), lp) for i, lp in tok.top_logprobs],
+        rank=tok.rank,
+        top_token_ids=[i for i, _ in tok.top_logprobs] if tok.rank is not None else None,
     )
+
+
+def prompt_logprobs(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], scores: list[SampledToken]) -> list[TokenLogprob]:
+    """One entry per prompt token: the first has no logprob (nothing predicts it), the rest
+    the model's scores of them."""
+    first = TokenLogprob(token=tokenizer.decode(prompt_ids[:1]), token_id=prompt_ids[0], logprob=None)
+    return [first, *(to_token_logprob(tokenizer, s) for s in scores)]

@@ -45,6 +45,9 @@ class Sequence:
     aborted: bool = False
     cache_salt: str | None = None  # the tenant: its prefix-cache blocks are its own
     constraint: ConstraintState | None = None  # structured output: the grammar it follows
+    prompt_top_logprobs: int | None = None  # prompt logprobs wanted, with this many alternatives
+    prompt_scores: list[SampledToken] = field(default_factory=list)  # prompt tokens 1.. scored so far
+    prompt_read: asyncio.Event = field(default_factory=asyncio.Event)  # set once the prompt is computed (or it ended)
     scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
@@ -60,6 +63,12 @@ class Sequence:
         if start >= p:
             return self.output_ids[start - p : end - p]
         return self.prompt_ids[start:] + self.output_ids[: end - p]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt logprobs are still to compute: its prompt may not come from the prefix
+        cache (cached positions have no logits)."""
+        return self.prompt_top_logprobs is not None and len(self.prompt_scores) < len(self.prompt_ids) - 1
 
     def step_seed(self) -> int:
         """Seed of the next sampled position: depends on the request seed and position only."""
@@ -135,7 +144,9 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             try:
-                seq.table = self.blocks.allocate_prompt(seq.tokens(0, seq.num_tokens), reserve=1, salt=seq.cache_salt)
+                seq.table = self.blocks.allocate_prompt(
+                    seq.tokens(0, seq.num_tokens), reserve=1, salt=seq.cache_salt, reuse=not seq.scores_prompt
+                )
             except NoFreeBlocks:
                 break
             self.waiting.popleft()
