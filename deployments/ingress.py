@@ -20,7 +20,7 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.api import openai_routes, tfserving_routes
+from deployments.api import openai_routes, responses_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
@@ -250,6 +250,7 @@ class Ingress:
             return Response(await self.metrics(), media_type=CONTENT_TYPE_LATEST)
 
         openai_routes.register(app, self)
+        responses_routes.register(app, self)
         tfserving_routes.register(app, self)
         app.add_middleware(RequestGuard, max_bytes=self._args.limits.max_request_body_bytes)
         if self._args.auth.enabled:
