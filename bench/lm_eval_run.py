@@ -79,7 +79,7 @@ def run_lm_eval(kind: str, base: str, served_name: str, model_dir: str, out_dir:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="shardserve/tiny-llama")
+    parser.add_argument("--model", default="shardserve/bench-llama")  # vLLM CPU has no kernel for tiny-llama's head_dim 16
     parser.add_argument("--systems", nargs="+", default=["vllm_cpu", "shardserve"], choices=["vllm_cpu", "shardserve"])
     parser.add_argument("--out", type=Path, default=RESULTS / "lm_eval.json")
     args = parser.parse_args()
@@ -94,7 +94,10 @@ def main() -> None:
             from bench.peers import VLLMCPU
 
             log("starting vLLM CPU")
-            server = VLLMCPU(model_dir, free_port(), "bench", log=log)
+            from transformers import AutoConfig
+
+            window = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+            server = VLLMCPU(model_dir, free_port(), "bench", log=log, max_model_len=min(2048, window))
             try:
                 server.wait_ready()
                 for kind in RUNS:

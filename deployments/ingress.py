@@ -32,7 +32,16 @@ from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
 from deployments.model_cards import ModelCards
 from deployments.streams import StreamRecorder
-from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse, ModelCard, TokenizeRequest, TokenizeResponse
+from deployments.types import (
+    EmbedRequest,
+    EmbedResponse,
+    GenerateChunk,
+    GenerateRequest,
+    GenerateResponse,
+    ModelCard,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -208,6 +217,9 @@ class Ingress:
 
     async def detokenize(self, tokens: list[int], version: int | None = None) -> str:
         return await self._llms[self._served(version)].detokenize.remote(tokens)
+
+    async def embed(self, request: EmbedRequest, version: int | None = None) -> EmbedResponse:
+        return await self._llms[self._served(version)].embed.remote(request)
 
     def _served(self, version: int | None) -> int:
         """The version a call names; None: the newest (whatever the canary split)."""

@@ -25,7 +25,7 @@ from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.grammar import Constraint, ConstraintCompiler
-from deployments.engine.output import OutputText, prompt_logprobs, to_token_logprob
+from deployments.engine.output import OutputText, normalized, prompt_logprobs, to_token_logprob
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
 from deployments.limits import check_budget, check_in_vocabulary, check_request, check_token_ids
@@ -33,6 +33,8 @@ from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, repl
 from deployments.streams import StreamRecorder, merge
 from deployments.types import (
     ChatMessage,
+    EmbedRequest,
+    EmbedResponse,
     EngineStats,
     FinishReason,
     GenerateChunk,
@@ -155,6 +157,34 @@ class LLMServer:
         the model: the count is its `usage.prompt_tokens`."""
         _, ids = self._encode(request.prompt, request.messages, request.add_special_tokens)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._info.max_model_len)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """Each input's embedding, all prefilled through the engine together (see EmbedRequest)."""
+        self._started()
+        prompts = [self._tokenizer.encode(x) if isinstance(x, str) else list(x) for x in request.inputs]
+        for ids in prompts:
+            check_in_vocabulary("input", ids, self._info.vocab_size)
+            if not ids or len(ids) > self._info.max_model_len:
+                why = "empty" if not ids else f"{len(ids)} tokens; the context window is {self._info.max_model_len}"
+                raise InvalidRequest(f"an input is {why}", param="input", code=None if not ids else "context_length_exceeded")
+        width = self._info.hidden_size
+        if request.dimensions is not None and request.dimensions > width:
+            raise InvalidRequest(f"dimensions must be at most {width}, the model's hidden size", param="dimensions")
+        seqs = self._engine.embed(prompts, cache_salt=request.tenant)
+        try:
+            async with asyncio.timeout(self._args.engine.request_timeout_s):
+                for seq in seqs:
+                    async for _ in self._engine.stream(seq):
+                        pass
+        except TimeoutError:
+            raise RequestTimeout("embedding did not finish within request_timeout_s", code="timeout") from None
+        finally:
+            for seq in seqs:
+                self._engine.abort(seq)
+        if any(seq.embedding is None for seq in seqs):
+            raise EngineFault("an embedding ended before it was computed")
+        vectors = [normalized(seq.embedding, request.dimensions) for seq in seqs]  # type: ignore[arg-type]
+        return EmbedResponse(embeddings=vectors, prompt_tokens=sum(len(ids) for ids in prompts))
 
     async def detokenize(self, tokens: list[int]) -> str:
         check_in_vocabulary("tokens", tokens, self._info.vocab_size)

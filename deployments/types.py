@@ -191,6 +191,26 @@ class TokenizeRequest(BaseModel):
         return self
 
 
+class EmbedRequest(BaseModel):
+    """Texts (or token id lists) to embed: each is one prefill through the engine, batched with
+    whatever else runs, its last token's final hidden state L2-normalised (last-token pooling,
+    as vLLM pools a generative model)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] | list[list[int]] = Field(min_length=1)
+    dimensions: int | None = Field(default=None, ge=1)
+    """Keep the first this many components (then normalise), as OpenAI's `dimensions` does."""
+    tenant: str | None = None
+    """Set by the ingress from the caller's API key: its prefix-cache blocks are its own."""
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    prompt_tokens: int
+    """Tokens read, all inputs together."""
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int

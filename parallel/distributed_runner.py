@@ -99,6 +99,7 @@ class DistributedModelRunner:
         )
         return ModelInfo(
             vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
             max_model_len=served_context(window, spec.max_model_len is not None, plan, self._kv.block_size),
             eos_token_ids=eos_token_ids(hf_config, generation_config(path)),
             num_parameters=_count_parameters(path),
@@ -128,11 +129,13 @@ class DistributedModelRunner:
             raise RunnerFault(self._fault) from exc
         tokens: list[SampledToken] = []
         scores: list[SampledToken] = []
+        embeddings: dict[int, list[float]] = {}
         for per_mb in refs:  # micro-batches keep the step's sequence order
             out = ray.get(per_mb[last_rank])
             tokens.extend(out.tokens)
             scores.extend(out.prompt_logprobs)
-        return StepOutput(tokens=tokens, prompt_logprobs=scores)
+            embeddings.update(out.embeddings)
+        return StepOutput(tokens=tokens, prompt_logprobs=scores, embeddings=embeddings)
 
     def logits(self, step_input: StepInput):
         """Last-stage logits for a step, whole (tests compare them with an unsharded model)."""

@@ -128,6 +128,7 @@ class LocalModelRunner:
         self._paged = PagedCausalLM(model, cache)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
+            hidden_size=hf_config.hidden_size,
             max_model_len=served_context(window, spec.max_model_len is not None, plan, kv.block_size),
             eos_token_ids=eos_token_ids(hf_config, generation_config(path)),
             num_parameters=num_parameters,
@@ -162,7 +163,8 @@ class LocalModelRunner:
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"
         batch = prepare(step_input, self._kv.block_size, self._spec.device)
-        return sample_step(self._paged.forward(batch), step_input)
+        out = self._paged.forward_outputs(batch)
+        return sample_step(out.values, step_input, out.pooled)
 
     def health(self) -> None:
         if self._paged is None:

@@ -83,6 +83,7 @@ class PreparedBatch:
     decode_groups: list[DecodeGroup]  # single-token sequences, bucketed by context length
     prefills: list[Prefill]
     logit_rows: torch.Tensor  # [S + P] flat rows whose logits are sampled, then those scoring prompt targets
+    embed_rows: torch.Tensor  # [E] flat rows whose final hidden states are the step's embeddings
 
 
 def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
@@ -95,6 +96,7 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
     prefills: list[Prefill] = []
     logit_rows: list[int] = []
     prompt_rows: list[int] = []
+    embed_rows: list[int] = []
     for seq in step.seqs:
         row, n, start = len(ids), len(seq.token_ids), seq.start_pos
         ctx_len = start + n
@@ -114,6 +116,8 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
         if seq.sample:
             logit_rows.append(row + n - 1)
         prompt_rows.extend(range(row, row + len(seq.prompt_targets)))
+        if seq.embed:
+            embed_rows.append(row + n - 1)
     groups = []
     for members in bucket_by_length(decode_lens):
         width = max(len(decode_tables[i]) for i in members)
@@ -136,7 +140,16 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
         decode_groups=groups,
         prefills=prefills,
         logit_rows=as_long(logit_rows + prompt_rows),
+        embed_rows=as_long(embed_rows),
     )
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    values: torch.Tensor
+    """Logits rows on the last stage, hidden states [T, H] on the others."""
+    pooled: torch.Tensor | None = None
+    """[E, H] final hidden states at the batch's embed_rows (last stage only)."""
 
 
 class PagedCausalLM:
@@ -162,9 +175,14 @@ class PagedCausalLM:
         self.rope_keys = [layer_type(config, i) if self.arch.rope_per_layer_type else None for i in indices]
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
 
-    @torch.inference_mode()
     def forward(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits rows to sample from on the last stage; hidden states [T, H] otherwise.
+        """Logits rows to sample from on the last stage; hidden states [T, H] otherwise."""
+        return self.forward_outputs(batch, hidden).values
+
+    @torch.inference_mode()
+    def forward_outputs(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> StageOutput:
+        """The last stage's logits rows and pooled hidden states (embed_rows); a middle stage's
+        hidden states [T, H] for the next.
 
         The first stage embeds the batch's token ids; a later stage continues from `hidden`,
         the previous stage's output.
@@ -190,12 +208,13 @@ class PagedCausalLM:
                 hidden = hidden + attn_out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         if self.model.lm_head is None:
-            return hidden
+            return StageOutput(hidden)
         last = inner.norm(hidden[batch.logit_rows])
         logits = self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        pooled = inner.norm(hidden[batch.embed_rows]) if batch.embed_rows.numel() else None
+        return StageOutput(logits, pooled)
 
     def _attention(
         self,

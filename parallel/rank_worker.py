@@ -24,7 +24,7 @@ from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.loading import DTYPES, load_model_config
 from parallel.packed_linear import pack_linears
-from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape, prepare
+from parallel.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape, prepare
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
@@ -170,15 +170,15 @@ class RankWorker:
 
     def step(self, step_input: StepInput) -> StepOutput | None:
         """Run this rank's part of one (micro-)batch; the last stage's first rank returns tokens."""
-        logits = self._run_stage(step_input)
-        if logits is None or self._placement.tp_rank != 0:  # type: ignore[union-attr]
+        out = self._run_stage(step_input)
+        if out is None or self._placement.tp_rank != 0:  # type: ignore[union-attr]
             return None
-        return sample_step(logits, step_input)
+        return sample_step(out.values, step_input, out.pooled)
 
     def logits(self, step_input: StepInput) -> torch.Tensor | None:
         """The last stage's logits rows for a step (tests compare sharded against whole)."""
-        logits = self._run_stage(step_input)
-        return None if logits is None else logits.float().cpu()
+        out = self._run_stage(step_input)
+        return None if out is None else out.values.float().cpu()
 
     def ping(self) -> int:
         return os.getpid()
@@ -190,7 +190,7 @@ class RankWorker:
         conns = psutil.Process().net_connections("inet")
         return sorted({(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN})
 
-    def _run_stage(self, step_input: StepInput) -> torch.Tensor | None:
+    def _run_stage(self, step_input: StepInput) -> StageOutput | None:
         """Receive from the previous stage, run this stage, send on; logits on the last stage."""
         assert self._paged is not None and self._placement is not None, "setup() first"
         placement, tp = self._placement, self._layout.tensor_parallel_size
@@ -199,9 +199,9 @@ class RankWorker:
         if not placement.is_first_stage:
             hidden = torch.empty((batch.input_ids.numel(), self._hidden_size), dtype=self._dtype, device=self._device)
             dist.recv(hidden, src=placement.rank - tp)
-        out = self._paged.forward(batch, hidden)
+        out = self._paged.forward_outputs(batch, hidden)
         if not self._layout.is_last_stage(placement.stage):
-            dist.send(out.contiguous(), dst=placement.rank + tp)
+            dist.send(out.values.contiguous(), dst=placement.rank + tp)
             return None
         return out
 

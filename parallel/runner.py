@@ -108,6 +108,9 @@ class SequenceStep:
     after each fed position in turn, as far as the prompt goes, predicted by its logits."""
     prompt_top_logprobs: int = 0
     """Alternatives reported with each of `prompt_targets`."""
+    embed: bool = False
+    """Report the final hidden state (after the last norm) at the sequence's last fed token
+    instead of sampling (embeddings: the prompt's last-token pooling)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ class StepOutput:
     tokens: list[SampledToken]
     prompt_logprobs: list[SampledToken] = field(default_factory=list)
     """One per prompt target of the step, in input order (`token_id` is the target)."""
+    embeddings: dict[int, list[float]] = field(default_factory=dict)
+    """seq_id -> the hidden state of each sequence that asked to `embed`."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,8 @@ class ModelInfo:
     """How the pool's size was chosen, in words, for the startup log."""
     weight_bytes: int | None = None
     """Memory held by the weights in this process (None where ranks hold them)."""
+    hidden_size: int = 0
+    """Width of the final hidden states (an embedding's length)."""
 
 
 class ModelRunner(Protocol):

@@ -141,11 +141,15 @@ def _draw(row: torch.Tensor, spec: SamplingSpec, generator: torch.Generator) -> 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_step(logits: torch.Tensor, step_input: StepInput) -> StepOutput:
+def sample_step(logits: torch.Tensor, step_input: StepInput, pooled: torch.Tensor | None = None) -> StepOutput:
     """Sample for the sequences of a step that want a token (one logits row each, in order),
-    then score the prompt targets (the rows after those, see paged_model.prepare)."""
+    then score the prompt targets (the rows after those, see paged_model.prepare); `pooled`
+    holds the hidden states of the sequences that embed, in order."""
     wanted = [s for s in step_input.seqs if s.sample]
+    embedding = [s.seq_id for s in step_input.seqs if s.embed]
+    vectors = pooled.float().cpu().tolist() if pooled is not None and embedding else []
     return StepOutput(
+        embeddings=dict(zip(embedding, vectors, strict=True)),
         prompt_logprobs=score_prompt(logits[len(wanted) :], step_input),
         tokens=sample_batch(
             logits[: len(wanted)],

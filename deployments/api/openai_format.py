@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Any
 
-from deployments.types import GenerateChunk, GenerateResponse, TokenLogprob, Usage
+from deployments.types import EmbedResponse, GenerateChunk, GenerateResponse, TokenLogprob, Usage
 
 
 def completion_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -60,6 +62,20 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
 def _prompt_logprobs_field(items: list[TokenLogprob] | None) -> dict[str, Any]:
     """vLLM's `prompt_logprobs` key where they were asked for, nothing otherwise."""
     return {} if items is None else {"prompt_logprobs": vllm_prompt_logprobs(items)}
+
+
+def embeddings_body(model: str, answer: EmbedResponse, encoding_format: str) -> dict[str, Any]:
+    def encoded(vector: list[float]) -> list[float] | str:
+        if encoding_format == "base64":  # what the openai SDK asks for by default
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        return vector
+
+    return {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(answer.embeddings)],
+        "model": model,
+        "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens},
+    }
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:

@@ -281,3 +281,23 @@ class DetokenizeBody(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class EmbeddingsBody(BaseModel):
+    """OpenAI's /v1/embeddings."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    dimensions: int | None = Field(default=None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """One text or token list per embedding (a flat list of ints is one input)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and all(isinstance(x, int) for x in self.input):
+            return [list(self.input)]  # type: ignore[arg-type]
+        return list(self.input)  # type: ignore[arg-type]

@@ -20,12 +20,15 @@ from deployments.api.openai_format import (
     chat_chunk,
     completion_body,
     completion_chunk,
+    embeddings_body,
     usage_chunk,
 )
-from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeBody, TokenizeBody
+from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeBody, EmbeddingsBody, TokenizeBody
 from deployments.errors import InvalidRequest, ModelNotFound
 from deployments.streams import merge
 from deployments.types import (
+    EmbedRequest,
+    EmbedResponse,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -55,6 +58,8 @@ class Backend(Protocol):
     async def tokenize(self, request: TokenizeRequest, version: int | None = None) -> TokenizeResponse: ...
 
     async def detokenize(self, tokens: list[int], version: int | None = None) -> str: ...
+
+    async def embed(self, request: EmbedRequest, version: int | None = None) -> EmbedResponse: ...
 
 
 def check_model(backend: Backend, model: str | None) -> int | None:
@@ -128,6 +133,17 @@ def register(app: FastAPI, backend: Backend) -> None:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeBody) -> dict[str, str]:
         return {"prompt": await backend.detokenize(body.tokens, check_model(backend, body.model))}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsBody, raw: Request) -> dict[str, Any]:
+        """Each input's embedding (see EmbedRequest), as floats or base64 of little-endian float32."""
+        version = check_model(backend, body.model)
+        inputs = body.inputs()
+        if not inputs or len(inputs) > backend.max_prompts:
+            raise InvalidRequest(f"give 1 to {backend.max_prompts} inputs", param="input")
+        tenant = raw.scope.get("state", {}).get("tenant")
+        answer = await backend.embed(EmbedRequest(inputs=inputs, dimensions=body.dimensions, tenant=tenant), version)
+        return embeddings_body(backend.model_name, answer, body.encoding_format)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request, response: Response):

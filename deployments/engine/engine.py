@@ -103,6 +103,17 @@ class LLMEngine:
         self._wakeup.set()
         return seqs
 
+    def embed(self, prompts: list[list[int]], cache_salt: str | None = None) -> list[Sequence]:
+        """Queue one prefill per prompt whose last token's final hidden state becomes the
+        sequence's `embedding` (it ends, "stop", once computed); refuses all at once when full."""
+        if self._fault is not None:
+            raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
+        seqs = [Sequence(list(p), SamplingSpec(), 0, 0, frozenset(), cache_salt=cache_salt, embed=True) for p in prompts]
+        self._scheduler.add(seqs)
+        self._ensure_loop()
+        self._wakeup.set()
+        return seqs
+
     def abort(self, seq: Sequence) -> None:
         """Stop generating for seq; it leaves the batch before the next step."""
         if seq.finish_reason is None:
@@ -188,7 +199,8 @@ class LLMEngine:
             start_pos=s.start,
             block_table=list(seq.table.blocks),
             sampling=seq.sampling,
-            sample=s.samples,
+            sample=s.samples and not seq.embed,
+            embed=s.samples and seq.embed,
             sample_seed=seq.step_seed(),
             penalty_tokens=(*seq.prompt_ids, *seq.output_ids) if penalized else (),
             output_tokens=tuple(seq.output_ids) if s.samples and seq.sampling.counts_output else (),
@@ -212,6 +224,11 @@ class LLMEngine:
                 seq.prompt_read.set()
             if seq.table is not None:
                 self._blocks.register_full_blocks(seq.table, seq.tokens, seq.num_computed)
+            if seq.embed:
+                if s.samples and seq.finish_reason is None:
+                    seq.embedding = output.embeddings[seq.seq_id]
+                    self._end(seq, "stop")
+                continue
             if not s.samples:
                 continue
             tok = next(sampled)

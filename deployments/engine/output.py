@@ -7,6 +7,7 @@ last few characters that could still be the start of one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -85,3 +86,11 @@ def prompt_logprobs(tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], s
     the model's scores of them."""
     first = TokenLogprob(token=tokenizer.decode(prompt_ids[:1]), token_id=prompt_ids[0], logprob=None)
     return [first, *(to_token_logprob(tokenizer, s) for s in scores)]
+
+
+def normalized(vector: list[float], dimensions: int | None) -> list[float]:
+    """An embedding as returned: its first `dimensions` components (all when None), scaled to
+    unit length (OpenAI's embeddings are; cosine similarity is then a dot product)."""
+    kept = vector[:dimensions] if dimensions is not None else vector
+    norm = math.sqrt(sum(x * x for x in kept)) or 1.0
+    return [x / norm for x in kept]

@@ -48,6 +48,8 @@ class Sequence:
     prompt_top_logprobs: int | None = None  # prompt logprobs wanted, with this many alternatives
     prompt_scores: list[SampledToken] = field(default_factory=list)  # prompt tokens 1.. scored so far
     prompt_read: asyncio.Event = field(default_factory=asyncio.Event)  # set once the prompt is computed (or it ended)
+    embed: bool = False  # an embedding: the prompt's pooled hidden state, no tokens
+    embedding: list[float] | None = None
     scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
@@ -97,7 +99,7 @@ class Scheduler:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request's sequences, or refuse all of them at once."""
-        needed = self.blocks.blocks_needed(len(seqs[0].prompt_ids) + seqs[0].max_tokens)
+        needed = self.blocks.blocks_needed(max(len(s.prompt_ids) + s.max_tokens for s in seqs))
         if needed > self.blocks.num_blocks:
             raise InvalidRequest(
                 f"prompt plus max_tokens needs {needed} KV-cache blocks; this server has {self.blocks.num_blocks}",
