@@ -176,6 +176,7 @@ def replay(response: GenerateResponse) -> list[GenerateChunk]:
             finish_reason=out.finish_reason,
             logprobs=out.logprobs,
             prompt_logprobs=out.prompt_logprobs,
+            tool_calls=out.tool_calls,
             prompt_tokens=response.usage.prompt_tokens,
             completion_tokens=len(out.token_ids),
             cached=True,

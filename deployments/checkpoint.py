@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from deployments.config import ShardserveArgs
 from deployments.errors import InvalidRequest
+from deployments.tools import Tool
 from deployments.types import ChatMessage, SamplingDefaults
 from parallel.loading import checkpoint_fingerprint, generation_config
 from parallel.runner import ModelInfo
@@ -55,7 +57,7 @@ class ServedCheckpoint:
             ids.append(eos)
         return dataclasses.replace(info, eos_token_ids=tuple(ids))
 
-    def render_chat(self, messages: list[ChatMessage]) -> str:
+    def render_chat(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> str:
         """The prompt text the model's own chat template makes of the turns, with the assistant's
         turn opened. InvalidRequest (400) when the checkpoint has no template, or when the
         template refuses the turns (Mistral and Gemma templates raise on a misplaced role)."""
@@ -66,8 +68,33 @@ class ServedCheckpoint:
                 param="messages",
                 code="no_chat_template",
             )
-        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        turns = [_turn(m) for m in messages]
+        offered = [t.model_dump(exclude_none=True) for t in tools] if tools else None
         try:
-            return self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(turns, tools=offered, add_generation_prompt=True, tokenize=False)
         except TemplateError as exc:
             raise InvalidRequest(f"the model's chat template refused the messages: {exc}", param="messages") from None
+
+
+def _turn(message: ChatMessage) -> dict[str, Any]:
+    """A turn as chat templates read it: an assistant's tool calls with their arguments as
+    objects (templates render them with `tojson`), a tool result with the call it answers."""
+    turn: dict[str, Any] = {"role": message.role, "content": message.text()}
+    extra = message.model_extra or {}
+    if message.role == "assistant" and extra.get("tool_calls"):
+        turn["tool_calls"] = [_call_for_template(c) for c in extra["tool_calls"]]
+    for key in ("tool_call_id", "name"):
+        if extra.get(key) is not None:
+            turn[key] = extra[key]
+    return turn
+
+
+def _call_for_template(call: Any) -> dict[str, Any]:
+    function = dict(call.get("function", {})) if isinstance(call, dict) else {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # left as the text it is: the template shows what the client sent
+    return {"id": call.get("id") if isinstance(call, dict) else None, "type": "function", "function": function}

@@ -293,6 +293,11 @@ class ShardserveArgs(StrictModel):
     max_tokens out gets the checkpoint's generation_config.json value (as vLLM does); ignore:
     OpenAI's defaults. Its EOS ids end generations either way."""
 
+    tool_call_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = "auto"
+    """How tool calls are read from an answer with tool_choice auto: hermes (Qwen, Hermes:
+    `<tool_call>{...}</tool_call>`), llama3_json (a bare `{"name", "parameters"}` object),
+    mistral (`[TOOL_CALLS][...]`); auto: the one the chat template uses (hermes when unclear)."""
+
     tensor_parallel_size: int = Field(default=1, ge=1)
     """Ranks that split each layer's heads and MLP (DeepSpeed AutoTP). Must divide the
     model's attention and key/value head counts."""

@@ -25,18 +25,20 @@ from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from deployments.engine.grammar import Constraint, ConstraintCompiler
-from deployments.engine.output import OutputText, normalized, prompt_logprobs, to_token_logprob
+from deployments.engine.output import normalized, prompt_logprobs
+from deployments.engine.output_stream import output_chunks
 from deployments.engine.scheduler import Sequence
+from deployments.engine.tool_calls import format_of, tool_constraint, with_tool_calls
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
 from deployments.limits import check_budget, check_in_vocabulary, check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.streams import StreamRecorder, merge
+from deployments.tools import Tool
 from deployments.types import (
     ChatMessage,
     EmbedRequest,
     EmbedResponse,
     EngineStats,
-    FinishReason,
     GenerateChunk,
     GenerateRequest,
     GenerateResponse,
@@ -44,7 +46,6 @@ from deployments.types import (
     SamplingDefaults,
     TokenizeRequest,
     TokenizeResponse,
-    TokenLogprob,
 )
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
@@ -69,6 +70,8 @@ class LLMServer:
         _log_context(self._info, self._checkpoint.sampling_defaults)
         self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
         self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
+        parser = args.tool_call_parser
+        self._tool_format = format_of(self._tokenizer.chat_template) if parser == "auto" else parser
         startup.lap("init_engine")
         self._created = int(time.time())
         context = serve.get_replica_context()
@@ -128,12 +131,15 @@ class LLMServer:
         check_request(request, self._args.limits)
         request = request.with_defaults(self._checkpoint.sampling_defaults)
         prompt, prompt_ids, max_tokens = self._prepare(request)
-        constraint = None
-        if request.structured_output is not None:  # compiling a large schema takes a while the first time
-            constraint = await asyncio.to_thread(self._constraints.compile, request.structured_output)
+        constraint, structured = None, request.structured_output or tool_constraint(request)
+        if structured is not None:  # compiling a large schema takes a while the first time
+            constraint = await asyncio.to_thread(self._constraints.compile, structured)
         # For the ingress's result cache: what the model read, and which checkpoint answers.
         first = {"prompt": prompt, "prompt_token_ids": prompt_ids, "model_fingerprint": self._checkpoint.fingerprint}
-        async for chunk in self._run(request, request_id, prompt, prompt_ids, max_tokens, constraint):
+        chunks = self._run(request, request_id, prompt, prompt_ids, max_tokens, constraint)
+        if request.calls_tools:
+            chunks = with_tool_calls(chunks, request, self._tool_format)
+        async for chunk in chunks:
             if first:
                 chunk = chunk.model_copy(update=first)
                 first = {}
@@ -221,7 +227,9 @@ class LLMServer:
             prompt_ids = list(request.prompt_token_ids)
             prompt = self._tokenizer.decode(prompt_ids)
         else:
-            prompt, prompt_ids = self._encode(request.prompt, request.messages)
+            prompt, prompt_ids = self._encode(
+                request.prompt, request.messages, tools=request.tools if request.calls_tools else None
+            )
         if not prompt_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt" if request.messages is None else "messages")
         max_tokens = check_budget(
@@ -230,12 +238,16 @@ class LLMServer:
         return prompt, prompt_ids, max_tokens
 
     def _encode(
-        self, prompt: str | None, messages: list[ChatMessage] | None, add_special_tokens: bool = True
+        self,
+        prompt: str | None,
+        messages: list[ChatMessage] | None,
+        add_special_tokens: bool = True,
+        tools: list[Tool] | None = None,
     ) -> tuple[str, list[int]]:
         """The text the model reads and its ids: chat turns through the template (which places
         the special tokens itself), or a prompt with the tokenizer's own (BOS and the like)."""
         if messages is not None:
-            text = self._checkpoint.render_chat(messages)
+            text = self._checkpoint.render_chat(messages, tools)
             return text, self._tokenizer.encode(text, add_special_tokens=False)
         text = prompt or ""
         return text, self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -279,7 +291,14 @@ class LLMServer:
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        merged = merge([self._stream_one(request, request_id, i, seq, len(prompt_ids)) for i, seq in enumerate(seqs)])
+        interval = self._args.engine.stream_interval_ms / 1000
+        outputs = [
+            output_chunks(
+                self._engine, seq, self._tokenizer, request, request_id, i, len(prompt_ids), interval, self._metrics.itl.observe
+            )
+            for i, seq in enumerate(seqs)
+        ]
+        merged = merge(outputs)
         outcome = "error"
         try:
             if request.echo or request.prompt_logprobs is not None:
@@ -355,61 +374,6 @@ class LLMServer:
                 m.finished(seq.finish_reason)
         if outcome not in ("error", "timeout"):
             m.e2e.observe(now - started)
-
-    async def _stream_one(
-        self, request: GenerateRequest, request_id: str, index: int, seq: Sequence, prompt_tokens: int
-    ) -> AsyncIterator[GenerateChunk]:
-        """One output's chunks: text released by the detokenizer, ended by EOS, stop or length."""
-        text = OutputText(self._tokenizer, request.stop)
-        want_logprobs = request.logprobs is not None
-        ids: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        consumed = 0
-
-        def chunk(delta: str, finish: FinishReason | None) -> GenerateChunk:
-            nonlocal ids, logprobs
-            out = GenerateChunk(
-                request_id=request_id,
-                index=index,
-                text=delta,
-                token_ids=ids,
-                finish_reason=finish,
-                logprobs=logprobs if want_logprobs else None,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=consumed,
-            )
-            ids, logprobs = [], []
-            return out
-
-        interval = self._args.engine.stream_interval_ms / 1000
-        last_sent = -interval
-        delta = ""
-        last_token_at = time.monotonic()
-        async for tokens in self._engine.stream(seq):
-            now = time.monotonic()
-            if consumed:  # the first token's wait is time to first token, not inter-token latency
-                gap = (now - last_token_at) / len(tokens)
-                for _ in tokens:
-                    self._metrics.itl.observe(gap)
-            last_token_at = now
-            for tok in tokens:
-                consumed += 1
-                ids.append(tok.token_id)
-                if want_logprobs:
-                    logprobs.append(to_token_logprob(self._tokenizer, tok))
-                if tok.token_id in seq.stop_token_ids:
-                    yield chunk(delta + text.finish(), "stop")
-                    return
-                delta += text.feed(tok.token_id, final=False)
-                if text.stopped:
-                    self._engine.abort(seq)
-                    yield chunk(delta, "stop")
-                    return
-            if (delta or want_logprobs) and now - last_sent >= interval:
-                yield chunk(delta, None)
-                delta, last_sent = "", now
-        # The engine ended it: at the length limit, or (a stop token aside) its grammar complete.
-        yield chunk(delta + text.finish(), "stop" if seq.finish_reason == "stop" else "length")
 
 
 def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:

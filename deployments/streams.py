@@ -55,6 +55,7 @@ class StreamRecorder:
         self._ids: dict[int, list[int]] = {i: [] for i in range(n)}
         self._logprobs: dict[int, list] = {i: [] for i in range(n)}
         self._prompt_logprobs: dict[int, list] = {}
+        self._tool_calls: dict[int, list] = {}
         self._finish: dict[int, str] = {}
         self._first: GenerateChunk | None = None
 
@@ -67,6 +68,8 @@ class StreamRecorder:
             self._logprobs[chunk.index].extend(chunk.logprobs)
         if chunk.prompt_logprobs is not None:
             self._prompt_logprobs[chunk.index] = chunk.prompt_logprobs
+        if chunk.tool_calls:
+            self._tool_calls.setdefault(chunk.index, []).extend(chunk.tool_calls)
         if chunk.finish_reason is not None:
             self._finish[chunk.index] = chunk.finish_reason
 
@@ -83,6 +86,7 @@ class StreamRecorder:
                 finish_reason=self._finish[i],  # type: ignore[arg-type]
                 logprobs=self._logprobs[i] if with_logprobs else None,
                 prompt_logprobs=self._prompt_logprobs.get(i),
+                tool_calls=self._tool_calls.get(i),
             )
             for i in self._text
         ]

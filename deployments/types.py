@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FinishReason = Literal["stop", "length"]
+from deployments.tools import Tool, ToolCall, ToolChoice
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatMessage(BaseModel):
@@ -135,6 +137,15 @@ class GenerateRequest(BaseModel):
     prefix cache."""
     structured_output: StructuredOutput | None = None
     """Constrain every output to a JSON schema, a regex, a choice or a grammar."""
+    tools: list[Tool] | None = None
+    """Functions the model may call (chat only): offered through the chat template, the calls
+    parsed from the answer into `CompletionOutput.tool_calls`."""
+    tool_choice: ToolChoice | None = None
+    """"auto" (the default with tools): the model decides; "none": no calls; "required" or a
+    named function: the answer is calls, their arguments valid against the schemas (enforced
+    by structured output)."""
+    parallel_tool_calls: bool = True
+    """With "required": more than one call allowed."""
     tenant: str | None = None
     """Set by the ingress from the caller's API key; result-cache entries are partitioned by it."""
     cache: bool = True
@@ -152,6 +163,26 @@ class GenerateRequest(BaseModel):
         if sum(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_token_ids, messages")
         return self
+
+    @model_validator(mode="after")
+    def _tools_fit(self) -> GenerateRequest:
+        choice, names = self.tool_choice, [t.function.name for t in self.tools or []]
+        if self.tools and self.messages is None:
+            raise ValueError("tools need messages (chat): the chat template offers them to the model")
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError("tool_choice required or a named function needs tools")
+        if choice is not None and not isinstance(choice, str) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools {names}")
+        if self.calls_tools and choice not in (None, "auto") and self.structured_output is not None:
+            raise ValueError("a required or named tool_choice is itself a constraint: leave out the structured output")
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have unique names")
+        return self
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tools are offered and may be called (tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def with_defaults(self, defaults: SamplingDefaults) -> GenerateRequest:
         """This request with every sampling field it left out set from `defaults`: what the
@@ -247,6 +278,9 @@ class CompletionOutput(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     """With `GenerateRequest.prompt_logprobs`: one per prompt token."""
+    tool_calls: list[ToolCall] | None = None
+    """The calls the answer makes (finish_reason "tool_calls"); `text` is then what the model
+    said besides them."""
 
 
 class Usage(BaseModel):
@@ -280,6 +314,9 @@ class GenerateChunk(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     """On an output's first chunk, with `GenerateRequest.prompt_logprobs`: one per prompt token."""
+    tool_calls: list[ToolCall] | None = None
+    """Calls made, on the output's last chunk (or, for a named tool_choice, the call's arguments
+    as they stream: the first chunk names it, the next ones extend its arguments)."""
     prompt_tokens: int
     completion_tokens: int
     """Tokens generated so far for this output."""

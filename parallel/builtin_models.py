@@ -30,9 +30,19 @@ BUILTIN_PREFIX = "shardserve/"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 # A Jinja chat template in the style of Zephyr/Phi: each turn is `<|role|>\n{content}<|end|>\n`.
+# Tools are offered in a system turn and calls written as Hermes/Qwen do (<tool_call>{...}</tool_call>),
+# so that the built-in models exercise the same parsing as real checkpoints.
 CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|system|>\\nYou may call these functions; to call one, answer with "
+    "<tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.\\n' + (tools | tojson) + '<|end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% if message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|assistant|>\\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{{ '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson)"
+    " + '</tool_call>' }}"
+    "{% endfor %}{{ '<|end|>\\n' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>\\n' + (message['content'] or '') + '<|end|>\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -6,6 +6,7 @@ import base64
 import struct
 from typing import Any
 
+from deployments.tools import ToolCall
 from deployments.types import EmbedResponse, GenerateChunk, GenerateResponse, TokenLogprob, Usage
 
 
@@ -119,7 +120,7 @@ def chat_body(request_id: str, model: str, created: int, response: GenerateRespo
         "choices": [
             {
                 "index": out.index,
-                "message": {"role": "assistant", "content": out.text},
+                "message": _message(out.text, out.tool_calls),
                 "logprobs": chat_logprobs(out.logprobs),
                 "finish_reason": out.finish_reason,
             }
@@ -146,6 +147,17 @@ def completion_chunk(request_id: str, model: str, created: int, index: int, chun
             }
         ],
     }
+
+
+def _message(text: str, calls: list[ToolCall] | None) -> dict[str, Any]:
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": [c.model_dump() for c in calls]}
+
+
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """A streamed answer's calls, each whole in one delta (OpenAI's chunk shape, with index)."""
+    return [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]
 
 
 def chat_chunk(

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from deployments.tools import Tool, ToolChoice
 from deployments.types import ChatMessage, GenerateRequest, StructuredOutput, TokenizeRequest, check_logit_bias
 
 
@@ -79,8 +80,6 @@ class StructuredOutputs(BaseModel):
 # server does not honour yet, with the values that ask for nothing (what SDKs send by default).
 # Any other value is a 400 naming the field: a 200 that ignored it would pass for an answer.
 UNHONOURED: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none", "auto"),
     "functions": ([],),
     "function_call": ("none", "auto"),
     "audio": (),
@@ -130,8 +129,6 @@ class _Common(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     # Declared only to be refused when they ask for something (see UNHONOURED).
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -242,6 +239,9 @@ class CompletionRequest(_Common):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -258,6 +258,9 @@ class ChatCompletionRequest(_Common):
             messages=self.messages,
             max_tokens=self.max_completion_tokens or self.max_tokens,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            tools=self.tools or None,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls is not False,
             **self.sampling_fields(),
         )
 

@@ -21,6 +21,7 @@ from deployments.api.openai_format import (
     completion_body,
     completion_chunk,
     embeddings_body,
+    tool_call_deltas,
     usage_chunk,
 )
 from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeBody, EmbeddingsBody, TokenizeBody
@@ -177,7 +178,12 @@ def register(app: FastAPI, backend: Backend) -> None:
         version = check_model(backend, body.model)
         if not body.messages:
             raise InvalidRequest("messages must not be empty", param="messages")
-        [request] = with_cache_control([body.to_generate_request()], raw)
+        try:
+            generate = body.to_generate_request()
+        except ValidationError as exc:  # tools that do not fit together (GenerateRequest._tools_fit)
+            message = _first_error(exc)
+            raise InvalidRequest(message, param=next((f for f in ("tool_choice", "tools") if f in message), None)) from None
+        [request] = with_cache_control([generate], raw)
         request_id, created = uuid.uuid4().hex, int(time.time())
         if not body.stream:
             answer = await backend.generate(request, version)
@@ -191,7 +197,9 @@ def register(app: FastAPI, backend: Backend) -> None:
                 yield chat_chunk(request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None)
             async for _, chunk in stream:
                 usage.add(0, chunk)
-                delta = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
+                delta: dict[str, Any] = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
+                if chunk.tool_calls:
+                    delta["tool_calls"] = tool_call_deltas(chunk.tool_calls)
                 yield chat_chunk(request_id, backend.model_name, created, chunk.index, delta, chunk)
             if body.stream_options and body.stream_options.include_usage:
                 yield usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total())

@@ -1,0 +1,70 @@
+"""Function tools as OpenAI's chat API spells them: what a request offers the model, and the
+calls an answer makes. Plain data; how calls are constrained and parsed is in
+deployments/engine/tool_calls.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema of the arguments object (None: no arguments)."""
+    strict: bool | None = None  # the schema is enforced when the call is required either way
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("function names are 1-64 letters, digits, underscores or dashes")
+        return v
+
+    def arguments_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters else {"type": "object", "properties": {}}
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call exactly this one."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+    """The arguments object as JSON text (as OpenAI returns it)."""
+
+
+class ToolCall(BaseModel):
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    @classmethod
+    def of(cls, name: str, arguments: Any) -> ToolCall:
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+        return cls(function=ToolCallFunction(name=name, arguments=text))
