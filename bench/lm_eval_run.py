@@ -64,7 +64,7 @@ def run_lm_eval(kind: str, base: str, served_name: str, model_dir: str, out_dir:
         )
     )
     cmd = [str(lm_eval_command()), "--model", model_type, "--model_args", model_args, "--tasks", task,
-           "--include_path", str(TASKS), "--output_path", str(out_dir), "--seed", "0"]  # fmt: skip
+           "--include_path", str(TASKS), "--output_path", str(out_dir), "--seed", "0", "--log_samples"]  # fmt: skip
     if kind == "generation":
         cmd.append("--apply_chat_template")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
@@ -74,7 +74,16 @@ def run_lm_eval(kind: str, base: str, served_name: str, model_dir: str, out_dir:
         raise RuntimeError(f"lm_eval {kind} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     [results] = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)[-1:]
     scores = json.loads(results.read_text())["results"][task]
-    return {"task": task, "metric": metric.split(",")[0], "score": scores[metric], "wall_s": time.monotonic() - started}
+    [samples] = sorted(out_dir.rglob(f"samples_{task}_*.jsonl"), key=lambda p: p.stat().st_mtime)[-1:]
+    answers = [json.loads(line)["resps"] for line in samples.read_text().splitlines()]
+    return {
+        "task": task,
+        "metric": metric.split(",")[0],
+        "score": scores[metric],
+        "wall_s": time.monotonic() - started,
+        # per document and choice: the log-likelihood (loglikelihood) or the generated text
+        "answers": [[r[0][0] if kind == "loglikelihood" else r[0] for r in doc] for doc in answers],
+    }
 
 
 def main() -> None:
@@ -141,6 +150,17 @@ def render(report: dict[str, Any]) -> str:
     for system, runs in report["systems"].items():
         for kind, r in runs.items():
             lines.append(f"| {system} | {kind} | {r['task']} | {r['metric']} | {r['score']:.4f} | {r['wall_s']:.0f} s |")
+    ours, peer = report["systems"].get("shardserve"), report["systems"].get("vllm_cpu")
+    if ours and peer:
+        lines.append("")
+        mine = [float(x) for doc in ours["loglikelihood"]["answers"] for x in doc]
+        theirs = [float(x) for doc in peer["loglikelihood"]["answers"] for x in doc]
+        worst = max(abs(a - b) for a, b in zip(mine, theirs, strict=True))
+        same = sum(a == b for a, b in zip(ours["generation"]["answers"], peer["generation"]["answers"], strict=True))
+        lines.append(
+            f"Per choice, shardserve's log-likelihoods differ from vLLM's by at most {worst:.2e} ({len(mine)} choices); "
+            f"{same} of {len(ours['generation']['answers'])} generated answers are the same text."
+        )
     return "\n".join(lines) + "\n"
 
 

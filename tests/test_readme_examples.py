@@ -19,7 +19,7 @@ def localize(code: str, server: str) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert set(EXAMPLES) == {"curl", "openai", "structured", "tfserving", "handle"}
+    assert set(EXAMPLES) == {"curl", "openai", "structured", "tools", "tfserving", "handle"}
 
 
 @pytest.mark.parametrize("name", ["curl", "tfserving"])
@@ -44,6 +44,12 @@ def test_structured_output_example(server, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("{'city': ") and "'population': " in lines[0], lines  # json.loads parsed it
     assert len(lines) == 4 and all(line.endswith(" stop") for line in lines[1:]), lines
+
+
+def test_tool_call_example(server, capsys) -> None:
+    exec(compile(localize(EXAMPLES["tools"], server), "README:tools", "exec"), {"__name__": "__main__"})
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("get_weather {'city': ") and first.endswith(" tool_calls"), first
 
 
 def test_handle_example_runs_as_a_separate_process(server) -> None:
