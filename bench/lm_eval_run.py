@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.serving import RESULTS, free_port, log, publish, start_system
+from bench.serving import RESULTS, log, publish, running_shardserve, running_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "bench" / "lm_eval_tasks"
@@ -99,44 +99,20 @@ def main() -> None:
     lm_eval_command()
     report: dict[str, Any] = {"model": args.model, "lm_eval": LM_EVAL, "systems": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        runs = report["systems"]
         if "vllm_cpu" in args.systems:  # before Ray: alone on the machine
-            from bench.peers import VLLMCPU
-
-            log("starting vLLM CPU")
             from transformers import AutoConfig
 
             window = AutoConfig.from_pretrained(model_dir).max_position_embeddings
-            server = VLLMCPU(model_dir, free_port(), "bench", log=log, max_model_len=min(2048, window))
-            try:
-                server.wait_ready()
+            with running_vllm(model_dir, max_model_len=min(2048, window)) as url:
                 for kind in RUNS:
                     log(f"lm_eval {kind} against vLLM CPU")
-                    report["systems"].setdefault("vllm_cpu", {})[kind] = run_lm_eval(
-                        kind, server.url, "bench", model_dir, Path(tmp) / f"vllm-{kind}"
-                    )
-            finally:
-                server.stop()
+                    runs.setdefault("vllm_cpu", {})[kind] = run_lm_eval(kind, url, "bench", model_dir, Path(tmp) / f"vllm-{kind}")
         if "shardserve" in args.systems:
-            import ray
-            from ray import serve
-
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-            port = free_port()
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            try:
-                log("starting shardserve")
-                url, name, stop = start_system("shardserve", args.model, model_dir, f"http://127.0.0.1:{port}")
-                try:
-                    for kind in RUNS:
-                        log(f"lm_eval {kind} against shardserve")
-                        report["systems"].setdefault("shardserve", {})[kind] = run_lm_eval(
-                            kind, url, name, model_dir, Path(tmp) / f"ours-{kind}"
-                        )
-                finally:
-                    stop()
-            finally:
-                serve.shutdown()
-                ray.shutdown()
+            with running_shardserve(args.model, model_dir) as (url, name):
+                for kind in RUNS:
+                    log(f"lm_eval {kind} against shardserve")
+                    runs.setdefault("shardserve", {})[kind] = run_lm_eval(kind, url, name, model_dir, Path(tmp) / f"ours-{kind}")
     publish(args.out, report, render(report))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -70,6 +71,42 @@ def each_system(systems: dict[str, str], num_cpus: int = 4) -> Iterator[tuple[st
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def running_shardserve(model: str, model_dir: str) -> Iterator[tuple[str, str]]:
+    """shardserve alone in a fresh local Ray with Serve on loopback: (base URL, served name)."""
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        log("starting shardserve")
+        url, name, stop = start_system("shardserve", model, model_dir, f"http://127.0.0.1:{port}")
+        try:
+            yield url, name
+        finally:
+            stop()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def running_vllm(model_dir: str, max_model_len: int = 2048) -> Iterator[str]:
+    """vLLM's CPU backend serving the model as "bench", alone on the machine (start it before
+    Ray): its base URL."""
+    from bench.peers import VLLMCPU
+
+    log("starting vLLM CPU")
+    server = VLLMCPU(model_dir, free_port(), "bench", log=log, max_model_len=max_model_len)
+    try:
+        server.wait_ready()
+        yield server.url
+    finally:
+        server.stop()
 
 
 def main() -> None:

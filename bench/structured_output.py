@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.serving import RESULTS, free_port, log, publish, save, start_system
+from bench.serving import RESULTS, log, publish, running_shardserve, running_vllm, save
 
 SYSTEMS = ["vllm_cpu", "shardserve"]
 SCHEMA = {
@@ -95,32 +95,11 @@ def main() -> None:
         save(args.out, report)
 
     if "vllm_cpu" in args.systems:  # before Ray: alone on the machine
-        from bench.peers import VLLMCPU
-
-        log("starting vLLM CPU")
-        server = VLLMCPU(model_dir, free_port(), "bench", log=log)
-        try:
-            server.wait_ready()
-            measure("vllm_cpu", server.url, "bench")
-        finally:
-            server.stop()
+        with running_vllm(model_dir) as url:
+            measure("vllm_cpu", url, "bench")
     if "shardserve" in args.systems:
-        import ray
-        from ray import serve
-
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        try:
-            log("starting shardserve")
-            url, model_name, stop = start_system("shardserve", args.model, model_dir, f"http://127.0.0.1:{port}")
-            try:
-                measure("shardserve", url, model_name)
-            finally:
-                stop()
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        with running_shardserve(args.model, model_dir) as (url, name):
+            measure("shardserve", url, name)
     publish(args.out, report, render(report))
 
 
