@@ -267,6 +267,13 @@ def test_stop_token_ids_and_min_tokens(http) -> None:
     assert res.status_code == 400 and res.json()["error"]["param"] == "min_tokens", res.text
     res = http.post("/v1/completions", json={**body, "stop_token_ids": [10**9]})
     assert res.status_code == 400 and res.json()["error"]["param"] == "stop_token_ids", res.text
+    # A stop string inside the first min_tokens does not end the output either.
+    free = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "cache": False}
+    full = http.post("/v1/completions", json=free).json()["choices"][0]["text"]
+    stop = full[2:4]
+    assert http.post("/v1/completions", json={**free, "stop": [stop]}).json()["choices"][0]["text"] == full[: full.find(stop)]
+    late = http.post("/v1/completions", json={**free, "stop": [stop], "min_tokens": 12}).json()["choices"][0]
+    assert late["text"] == full and late["finish_reason"] == "length"
 
 
 def test_malformed_json_is_400(http) -> None:

@@ -50,3 +50,18 @@ def test_text_without_stop_is_held_back_only_by_stop_length(tokenizer) -> None:
     released = "".join(out.feed(t, final=False) for t in tokenizer.encode("hello world", add_special_tokens=False))
     assert "hello world".startswith(released) and len(released) >= len("hello world") - 2
     assert released + out.finish() == "hello world"
+
+
+def test_stop_strings_wait_for_min_tokens(tokenizer) -> None:
+    """Before min_tokens no stop string ends the output (vLLM skips every stop check); after,
+    the next one does."""
+    ids = tokenizer.encode("one stop two stop three", add_special_tokens=False)
+    out = OutputText(tokenizer, ["stop"])
+    released = ""
+    first_stop_end = len(tokenizer.encode("one stop", add_special_tokens=False))
+    for n, token_id in enumerate(ids, start=1):
+        released += out.feed(token_id, final=False, stops=n > first_stop_end)
+        if out.stopped:
+            break
+    assert out.stopped and out.text.startswith("one stop two") and not out.text.endswith("stop")
+    assert "stop" in out.text

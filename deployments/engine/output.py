@@ -29,17 +29,19 @@ class OutputText:
     _prefix_offset: int = 0
     _read_offset: int = 0
 
-    def feed(self, token_id: int, final: bool) -> str:
-        """Add a token; returns text that is now safe to send (all of it once final)."""
+    def feed(self, token_id: int, final: bool, stops: bool = True) -> str:
+        """Add a token; returns text that is now safe to send (all of it once final). With
+        `stops` False the stop strings are not looked for (before the request's min_tokens,
+        as vLLM skips every stop check)."""
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.token_ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             new = full[len(prefix) :]
-            search_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            before = len(self.text)
             self.text += new
             self._prefix_offset, self._read_offset = self._read_offset, len(self.token_ids)
-            cut = self._first_stop(search_from)
+            cut = self._first_stop(before) if stops else None
             if cut is not None:
                 self.text = self.text[:cut]
                 self.stopped = True
@@ -59,8 +61,10 @@ class OutputText:
         out, self.released = self.text[self.released : end], end
         return out
 
-    def _first_stop(self, start: int) -> int | None:
-        hits = [i for s in self.stop if s and (i := self.text.find(s, start)) >= 0]
+    def _first_stop(self, before: int) -> int | None:
+        """The earliest stop string that ends in the text added after `before` (one that ended
+        earlier was either found then, or came before min_tokens and does not count)."""
+        hits = [i for s in self.stop if s and (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         return min(hits) if hits else None
 
     def _decode(self, ids: list[int]) -> str:

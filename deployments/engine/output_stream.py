@@ -67,7 +67,7 @@ async def output_chunks(
             if tok.token_id in seq.stop_token_ids:
                 yield chunk(delta + text.finish(), "stop")
                 return
-            delta += text.feed(tok.token_id, final=False)
+            delta += text.feed(tok.token_id, final=False, stops=consumed >= request.min_tokens)
             if text.stopped:
                 engine.abort(seq)
                 yield chunk(delta, "stop")
