@@ -190,7 +190,9 @@ class LLMServer:
         if any(seq.embedding is None for seq in seqs):
             raise EngineFault("an embedding ended before it was computed")
         vectors = [normalized(seq.embedding, request.dimensions) for seq in seqs]  # type: ignore[arg-type]
-        return EmbedResponse(embeddings=vectors, prompt_tokens=sum(len(ids) for ids in prompts))
+        read = sum(len(ids) for ids in prompts)
+        self._metrics.prompt_tokens.inc(read)  # what the engine computed, as for generation
+        return EmbedResponse(embeddings=vectors, prompt_tokens=read)
 
     async def detokenize(self, tokens: list[int]) -> str:
         check_in_vocabulary("tokens", tokens, self._info.vocab_size)

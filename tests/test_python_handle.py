@@ -56,3 +56,26 @@ async def test_handle_structured_output(server, http) -> None:
     with pytest.raises(InvalidRequest) as info:
         await handle.generate.remote(GenerateRequest(prompt="x", structured_output=StructuredOutput(regex="(")))
     assert info.value.param == "structured_output"
+
+
+async def test_handle_tool_calls_and_embeddings(server, http) -> None:
+    """The typed requests carry tools and embeddings as the HTTP routes do."""
+    from deployments import EmbedRequest
+    from deployments.tools import Tool
+
+    handle = serve.get_app_handle(APP_NAME)
+    tool = Tool.model_validate(
+        {"function": {"name": "ping", "parameters": {"type": "object", "properties": {"n": {"enum": [1, 2]}}}}}
+    )
+    request = GenerateRequest(
+        messages=[{"role": "user", "content": "ping"}], tools=[tool], tool_choice="required", max_tokens=80, temperature=0
+    )
+    response = await handle.generate.remote(request)
+    out = response.outputs[0]
+    assert out.finish_reason == "tool_calls" and [c.function.name for c in out.tool_calls] == ["ping"] * len(out.tool_calls)
+    embedded = await handle.embed.remote(EmbedRequest(inputs=["a fox", "a dog"], dimensions=8))
+    assert [len(v) for v in embedded.embeddings] == [8, 8] and embedded.prompt_tokens > 2
+    over_http = http.post(
+        "/v1/embeddings", json={"input": ["a fox", "a dog"], "dimensions": 8, "encoding_format": "float"}
+    ).json()
+    assert [d["embedding"] for d in over_http["data"]] == embedded.embeddings
