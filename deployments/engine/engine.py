@@ -81,8 +81,7 @@ class LLMEngine:
         grammar and ends ("stop") when the grammar is complete. With `prompt_top_logprobs` the
         first sequence scores its prompt tokens (`Sequence.prompt_scores`, complete once
         `prompt_read` is set)."""
-        if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
-            raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
+        self._check_healthy()
         stop = (frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)) | frozenset(stop_token_ids)
         seqs = [
             Sequence(
@@ -98,17 +97,21 @@ class LLMEngine:
             )
             for i, (spec, seed) in enumerate(samplings)
         ]
-        self._scheduler.add(seqs)
-        self._ensure_loop()
-        self._wakeup.set()
-        return seqs
+        return self._queue(seqs)
 
     def embed(self, prompts: list[list[int]], cache_salt: str | None = None) -> list[Sequence]:
         """Queue one prefill per prompt whose last token's final hidden state becomes the
         sequence's `embedding` (it ends, "stop", once computed); refuses all at once when full."""
-        if self._fault is not None:
+        self._check_healthy()
+        return self._queue(
+            [Sequence(list(p), SamplingSpec(), 0, 0, frozenset(), cache_salt=cache_salt, embed=True) for p in prompts]
+        )
+
+    def _check_healthy(self) -> None:
+        if self._fault is not None:  # worth retrying elsewhere: nothing of it ran here
             raise Overloaded("the model replica failed and is being replaced", code="replica_failed", retry_after_s=1.0)
-        seqs = [Sequence(list(p), SamplingSpec(), 0, 0, frozenset(), cache_salt=cache_salt, embed=True) for p in prompts]
+
+    def _queue(self, seqs: list[Sequence]) -> list[Sequence]:
         self._scheduler.add(seqs)
         self._ensure_loop()
         self._wakeup.set()
@@ -183,7 +186,7 @@ class LLMEngine:
         step_input = StepInput(seqs=[self._feed(s) for s in batch])
         output = await asyncio.to_thread(self._runner.step, step_input)
         self._steps += 1
-        self._apply(batch, output)
+        self._apply(batch, step_input, output)
 
     @staticmethod
     def _feed(s: Scheduled) -> SequenceStep:
@@ -210,15 +213,13 @@ class LLMEngine:
             prompt_top_logprobs=seq.prompt_top_logprobs or 0,
         )
 
-    def _apply(self, batch: list[Scheduled], output: StepOutput) -> None:
+    def _apply(self, batch: list[Scheduled], step_input: StepInput, output: StepOutput) -> None:
         sampled = iter(output.tokens)
         scores = iter(output.prompt_logprobs)
         now = time.monotonic()
-        for s in batch:
+        for s, fed in zip(batch, step_input.seqs, strict=True):
             seq = s.seq
-            if seq.scores_prompt and len(seq.prompt_scores) == s.start:  # as _feed asked
-                count = min(s.start + s.num_tokens + 1, len(seq.prompt_ids)) - (s.start + 1)
-                seq.prompt_scores.extend(next(scores) for _ in range(count))
+            seq.prompt_scores.extend(next(scores) for _ in fed.prompt_targets)  # what _feed asked for
             seq.num_computed = s.start + s.num_tokens
             if seq.num_computed >= len(seq.prompt_ids):
                 seq.prompt_read.set()
