@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 from deployments.config import ResultCacheConfig
+from deployments.tools import ToolCallDelta
 from deployments.types import GenerateChunk, GenerateRequest, GenerateResponse
 
 logger = logging.getLogger("ray.serve")
@@ -176,7 +177,7 @@ def replay(response: GenerateResponse) -> list[GenerateChunk]:
             finish_reason=out.finish_reason,
             logprobs=out.logprobs,
             prompt_logprobs=out.prompt_logprobs,
-            tool_calls=out.tool_calls,
+            tool_calls=[ToolCallDelta.whole(i, c) for i, c in enumerate(out.tool_calls)] if out.tool_calls else None,
             prompt_tokens=response.usage.prompt_tokens,
             completion_tokens=len(out.token_ids),
             cached=True,

@@ -60,13 +60,22 @@ class ServedCheckpoint:
     def render_chat(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> str:
         """The prompt text the model's own chat template makes of the turns, with the assistant's
         turn opened. InvalidRequest (400) when the checkpoint has no template, or when the
-        template refuses the turns (Mistral and Gemma templates raise on a misplaced role)."""
+        template refuses the turns (Mistral and Gemma templates raise on a misplaced role), or
+        when tools are offered to a template that never shows them to the model."""
         if not self.tokenizer.chat_template:
             raise InvalidRequest(
                 "this model has no chat template (a base checkpoint?): use /v1/completions with a prompt, "
                 "or serve a checkpoint whose tokenizer_config.json has a chat_template",
                 param="messages",
                 code="no_chat_template",
+            )
+        if tools and "tools" not in self.tokenizer.chat_template:
+            raise InvalidRequest(
+                "this model's chat template does not show tools to the model, so it cannot choose to call them: "
+                "leave out tools, or serve a checkpoint whose template offers them (or describe the function in "
+                "the messages and constrain the answer with response_format)",
+                param="tools",
+                code="tools_not_supported",
             )
         turns = [_turn(m) for m in messages]
         offered = [t.model_dump(exclude_none=True) for t in tools] if tools else None

@@ -161,7 +161,7 @@ class LLMServer:
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         """The token ids a generation request with this prompt (or these chat turns) would feed
         the model: the count is its `usage.prompt_tokens`."""
-        _, ids = self._encode(request.prompt, request.messages, request.add_special_tokens)
+        _, ids = self._encode(request.prompt, request.messages, request.add_special_tokens, request.tools)
         return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self._info.max_model_len)
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:

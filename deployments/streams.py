@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TypeVar
 
+from deployments.tools import merged
 from deployments.types import CompletionOutput, GenerateChunk, GenerateResponse, Usage
 
 T = TypeVar("T")
@@ -86,7 +87,7 @@ class StreamRecorder:
                 finish_reason=self._finish[i],  # type: ignore[arg-type]
                 logprobs=self._logprobs[i] if with_logprobs else None,
                 prompt_logprobs=self._prompt_logprobs.get(i),
-                tool_calls=self._tool_calls.get(i),
+                tool_calls=merged(self._tool_calls[i]) if i in self._tool_calls else None,
             )
             for i in self._text
         ]

@@ -59,8 +59,12 @@ class ToolCallFunction(BaseModel):
     """The arguments object as JSON text (as OpenAI returns it)."""
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class ToolCall(BaseModel):
-    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = Field(default_factory=new_call_id)
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
@@ -68,3 +72,35 @@ class ToolCall(BaseModel):
     def of(cls, name: str, arguments: Any) -> ToolCall:
         text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         return cls(function=ToolCallFunction(name=name, arguments=text))
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a call as it streams: the first piece of call `index` carries its id and
+    name, every piece extends its arguments text (OpenAI's chunk shape)."""
+
+    index: int
+    """The call's position among the output's calls."""
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+    @classmethod
+    def whole(cls, index: int, call: ToolCall) -> ToolCallDelta:
+        return cls(index=index, id=call.id, name=call.function.name, arguments=call.function.arguments)
+
+    def openai(self) -> dict[str, Any]:
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"index": self.index, "id": self.id, "type": "function", "function": function}
+
+
+def merged(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """The whole calls a stream of deltas makes."""
+    calls: dict[int, ToolCall] = {}
+    for d in deltas:
+        if d.id is not None:
+            calls[d.index] = ToolCall(id=d.id, function=ToolCallFunction(name=d.name or "", arguments=d.arguments))
+        else:
+            calls[d.index].function.arguments += d.arguments
+    return [calls[i] for i in sorted(calls)]

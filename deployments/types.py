@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.tools import Tool, ToolCall, ToolChoice
+from deployments.tools import Tool, ToolCall, ToolCallDelta, ToolChoice
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -214,11 +214,15 @@ class TokenizeRequest(BaseModel):
     """Rendered through the model's chat template first, as for chat completions."""
     add_special_tokens: bool = True
     """For `prompt`: the tokenizer's BOS and the like, as a completion's prompt gets them."""
+    tools: list[Tool] | None = None
+    """With `messages`: offered through the template, as a chat request's tools are."""
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt, messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools need messages")
         return self
 
 
@@ -314,9 +318,9 @@ class GenerateChunk(BaseModel):
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     """On an output's first chunk, with `GenerateRequest.prompt_logprobs`: one per prompt token."""
-    tool_calls: list[ToolCall] | None = None
-    """Calls made, on the output's last chunk (or, for a named tool_choice, the call's arguments
-    as they stream: the first chunk names it, the next ones extend its arguments)."""
+    tool_calls: list[ToolCallDelta] | None = None
+    """Calls as they are written: a call's first delta carries its id and name, each delta
+    extends its arguments (`deployments.tools.merged` makes the whole calls)."""
     prompt_tokens: int
     completion_tokens: int
     """Tokens generated so far for this output."""

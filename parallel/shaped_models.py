@@ -21,51 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from parallel.builtin_models import spread_weights, train_byte_bpe
+from parallel.chat_templates import (
+    GEMMA3_TEMPLATE,
+    LLAMA2_TEMPLATE,
+    LLAMA3_TEMPLATE,
+    LLAMA32_TEMPLATE,
+    MISTRAL_V3_TEMPLATE,
+    QWEN3_TEMPLATE,
+    QWEN25_TEMPLATE,
+)
 
 VOCAB_SIZE = 512
-
-LLAMA3_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
-    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-LLAMA2_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-QWEN25_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
-    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
-    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
-    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
-    " + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class TokenizerStyle:
@@ -80,11 +46,17 @@ class TokenizerStyle:
     """The tokenizer prepends `bos` when encoding plain text (sentencepiece Llama/Mistral, Llama 3, Gemma)."""
     chat_template: str | None = None
     """None: a base checkpoint without one."""
+    plain: tuple[str, ...] = ()
+    """Added tokens (among `special_tokens`) that decode as text, as Qwen's <tool_call> does."""
 
 
 LLAMA3 = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
+LLAMA31 = [*LLAMA3, "<|python_tag|>"]
 SENTENCEPIECE = ["<unk>", "<s>", "</s>"]
+MISTRAL_V3 = [*SENTENCEPIECE, "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+              "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]  # fmt: skip
 QWEN = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
+QWEN_PLAIN = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 GEMMA = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
@@ -107,7 +79,7 @@ _WIDTH = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attentio
 SHAPES: dict[str, Shape] = {
     "llama-3.2-1b-instruct": Shape(
         "meta-llama/Llama-3.2-1B-Instruct",
-        TokenizerStyle(LLAMA3, bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True, chat_template=LLAMA3_TEMPLATE),
+        TokenizerStyle(LLAMA31, bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True, chat_template=LLAMA32_TEMPLATE),
         {**_LLAMA_COMMON, "architectures": ["LlamaForCausalLM"], "bos_token_id": "<|begin_of_text|>",
          "eos_token_id": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"], "head_dim": 16, "hidden_size": 64,
          "intermediate_size": 256, "max_position_embeddings": 131072, "num_attention_heads": 4, "num_hidden_layers": 4,
@@ -153,9 +125,22 @@ SHAPES: dict[str, Shape] = {
         {"bos_token_id": "<s>", "eos_token_id": "</s>"},
         [*_WIDTH, "sliding_window"],
     ),
+    # The instruct release with function calling: control tokens for tools, no window.
+    "mistral-7b-instruct-v0.3": Shape(
+        "mistralai/Mistral-7B-Instruct-v0.3",
+        TokenizerStyle(MISTRAL_V3, bos="<s>", eos="</s>", unk="<unk>", add_bos=True, chat_template=MISTRAL_V3_TEMPLATE),
+        {"architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": "<s>", "eos_token_id": "</s>",
+         "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 224,
+         "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 4, "num_hidden_layers": 4,
+         "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True},
+        {"bos_token_id": "<s>", "eos_token_id": "</s>"},
+        _WIDTH,
+    ),
     "qwen2.5-7b-instruct": Shape(
         "Qwen/Qwen2.5-7B-Instruct",
-        TokenizerStyle(QWEN, bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN25_TEMPLATE),
+        TokenizerStyle(QWEN, bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN25_TEMPLATE,
+                       plain=QWEN_PLAIN),
         {"architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": "<|endoftext|>",
          "eos_token_id": "<|im_end|>", "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
          "intermediate_size": 336, "max_position_embeddings": 32768, "max_window_layers": 4, "model_type": "qwen2",
@@ -169,7 +154,8 @@ SHAPES: dict[str, Shape] = {
     ),
     "qwen3-0.6b": Shape(
         "Qwen/Qwen3-0.6B",
-        TokenizerStyle(QWEN, bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN3_TEMPLATE),
+        TokenizerStyle(QWEN, bos=None, eos="<|im_end|>", pad="<|endoftext|>", chat_template=QWEN3_TEMPLATE,
+                       plain=QWEN_PLAIN),
         {"architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
          "bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>", "head_dim": 32, "hidden_act": "silu",
          "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 192, "max_position_embeddings": 40960,
@@ -257,10 +243,11 @@ def _with_ids(fields: dict[str, Any], ids: dict[str, int]) -> dict[str, Any]:
 
 
 def _write_tokenizer(style: TokenizerStyle, out: Path, seed: int) -> dict[str, int]:
-    from tokenizers import processors
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
     tok = train_byte_bpe(VOCAB_SIZE, style.special_tokens, seed, unk_token=style.unk)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in style.plain])  # re-flags, same ids
     ids = {t: tok.token_to_id(t) for t in style.special_tokens}
     if style.add_bos and style.bos is not None:
         tok.post_processor = processors.TemplateProcessing(
@@ -273,7 +260,7 @@ def _write_tokenizer(style: TokenizerStyle, out: Path, seed: int) -> dict[str, i
         eos_token=style.eos,
         pad_token=style.pad,
         unk_token=style.unk,
-        additional_special_tokens=[t for t in style.special_tokens if t not in named],
+        additional_special_tokens=[t for t in style.special_tokens if t not in named and t not in style.plain],
     )
     if style.chat_template is not None:
         fast.chat_template = style.chat_template

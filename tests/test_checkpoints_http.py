@@ -106,7 +106,9 @@ def shaped_apps(server: str, llama3, llama32, tmp_path_factory: pytest.TempPathF
     """The apps of the tests below, started together (their replicas load at once: each start
     costs seconds), deleted after the module."""
     qwen = write_shaped_checkpoint("qwen2.5-7b-instruct", tmp_path_factory.mktemp("qwen"))
+    mistral = write_shaped_checkpoint("mistral-7b-instruct-v0.3", tmp_path_factory.mktemp("mistral"))
     apps = {
+        "mistral": {"model": str(mistral), "cache": {"enabled": False}},
         "llama3": {"model": str(llama3[0]), "served_model_name": "llama3"},
         "long": {"model": str(llama32[0])},
         "smallpool": {"model": str(llama32[0]), "engine": {"kv_cache_memory_mb": 1}},
@@ -195,6 +197,53 @@ def test_sampling_defaults_come_from_generation_config_unless_ignored(shaped_app
     assert card.sampling_defaults.model_dump(exclude_defaults=True) == qwen
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize(
+    ("app", "written", "offered"),
+    [
+        ("qwen", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "<tools>"),
+        ("long", '{"name": "get_weather", "parameters": {"city": "Paris"}}', "Environment: ipython"),
+        ("mistral", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]', "[AVAILABLE_TOOLS]"),
+    ],
+)
+def test_auto_tool_calls_in_each_checkpoints_own_format(server: str, shaped_apps, app: str, written: str, offered: str) -> None:
+    """Served Qwen2.5, Llama 3.2 and Mistral v0.3 checkpoints offer the tools through their own
+    templates, and a call written in the format that template teaches (a grammar makes the random
+    model write it) comes back as tool_calls, whole and streamed (how finely the arguments are
+    split depends on how many tokens each chunk carries: test_calls_stream_argument_by_argument)."""
+    tokenized = httpx.post(f"{server}/{app}/tokenize", json={"messages": ASK, "tools": [WEATHER]}, timeout=30).json()
+    prompt = httpx.post(f"{server}/{app}/detokenize", json={"tokens": tokenized["tokens"]}, timeout=30).json()["prompt"]
+    assert offered in prompt and "The weather in a city" in prompt
+    body = {"messages": ASK, "tools": [WEATHER], "temperature": 0, "max_tokens": 150,
+            "structured_outputs": {"grammar": "root ::= " + json.dumps(written)}}  # fmt: skip
+    answer = httpx.post(f"{server}/{app}/v1/chat/completions", json=body, timeout=60).json()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, answer
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    with httpx.stream("POST", f"{server}/{app}/v1/chat/completions", json={**body, "stream": True}, timeout=60) as res:
+        events = [json.loads(line[6:]) for line in res.iter_lines() if line.startswith("data: {")]
+    deltas = [d for e in events for d in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert deltas[0]["function"]["name"] == "get_weather" and all("name" not in d["function"] for d in deltas[1:])
+    assert "".join(d["function"]["arguments"] for d in deltas) == call["function"]["arguments"]
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tools_offered_to_a_template_without_them_are_a_400(server: str, shaped_apps) -> None:
+    res = httpx.post(f"{server}/llama3/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER]}, timeout=30)
+    assert res.status_code == 400 and res.json()["error"]["code"] == "tools_not_supported", res.text
+
+
 def test_chat_templates_as_checkpoints_ship_them(tmp_path: Path) -> None:
     """The model's own template renders system prompts and opens the assistant's turn (Qwen2.5
     adds its default system prompt, Gemma folds the system turn into the first user turn); a base
@@ -220,7 +269,10 @@ def test_chat_templates_as_checkpoints_ship_them(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest, match="must alternate"):
         gemma.render_chat([ChatMessage(role="assistant", content="Hello"), *hi])
     llama = opened("llama-3.2-1b-instruct").render_chat(turns)
-    assert llama.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer briefly.<|eot_id|>")
+    assert llama.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+        "Today Date: 26 Jul 2024\n\nYou answer briefly.<|eot_id|>"
+    )
     assert llama.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     with pytest.raises(InvalidRequest) as refused:
         opened("mistral-7b-v0.1").render_chat(hi)

@@ -10,8 +10,8 @@ import jsonschema
 import openai
 import pytest
 
-from deployments.engine.tool_calls import format_of, parse_tool_calls, tool_constraint
-from deployments.tools import Tool
+from deployments.engine.tool_calls import ToolCallStream, format_of, parse_tool_calls, tool_constraint
+from deployments.tools import Tool, merged
 from deployments.types import GenerateRequest
 
 WEATHER = {
@@ -62,6 +62,42 @@ def test_formats_parse_as_their_checkpoints_write_them() -> None:
     assert format_of(None) == "hermes"
 
 
+@pytest.mark.parametrize(
+    ("fmt", "text", "choice"),
+    [
+        ("hermes", 'Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>', None),
+        ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}', None),
+        ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]', None),
+        ("hermes", '[{"name":"get_weather","parameters":{"city":"Paris","unit":"c"}}]', "required"),
+        ("hermes", '{"city":"Paris","unit":"c"}', {"type": "function", "function": {"name": "get_weather"}}),
+    ],
+)
+def test_calls_stream_argument_by_argument(fmt, text, choice) -> None:
+    """Fed a character at a time, as the model writes: the content streams until the call
+    starts, the call is announced as soon as its name is written, and its arguments follow
+    piece by piece, adding up to the arguments the whole answer parses to."""
+    req = request(tool_choice=choice) if choice else request()
+    stream = ToolCallStream(req, fmt)
+    content, deltas, named_after = "", [], None
+    for i, ch in enumerate(text):
+        said, new = stream.feed(ch)
+        content += said
+        if new and named_after is None:
+            named_after = i + 1
+        deltas += new
+    rest, more = stream.finish()
+    assert stream.made_calls and rest == "" and more == []
+    assert content == ("Sure." if text.startswith("Sure") else "")
+    assert deltas[0].name == "get_weather" and deltas[0].id.startswith("call_")
+    if choice is None or choice == "required":  # the name is announced before the arguments are written
+        assert named_after <= text.index('"get_weather"') + len('"get_weather"') + 1
+    pieces = [d.arguments for d in deltas]
+    assert sum(1 for p in pieces if p) >= 10
+    assert json.loads("".join(pieces)) == {"city": "Paris", "unit": "c"}
+    [call] = merged(deltas)
+    assert parse_tool_calls(req, text, fmt)[1][0].function.arguments == call.function.arguments
+
+
 def test_required_and_named_choices_are_constraints() -> None:
     required = tool_constraint(request(tool_choice="required", parallel_tool_calls=False)).json_schema
     assert required["minItems"] == 1 and required["maxItems"] == 1
@@ -107,9 +143,11 @@ def test_required_calls_whole_and_streamed(openai_client) -> None:
     jsonschema.validate(json.loads(call.function.arguments), schema)
     chunks = list(openai_client.chat.completions.create(**kwargs, parallel_tool_calls=False, stream=True))
     deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [(d.index, d.function.name, d.function.arguments) for d in deltas] == [
-        (0, call.function.name, call.function.arguments)
-    ]
+    # Announced once with its id and name, then its arguments as they are written.
+    first, *rest = deltas
+    assert (first.index, first.type, first.function.name) == (0, "function", call.function.name)
+    assert first.id.startswith("call_") and all(d.id is None and d.function.name is None and d.index == 0 for d in rest)
+    assert first.function.arguments + "".join(d.function.arguments for d in rest) == call.function.arguments
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
 
 
@@ -187,3 +225,66 @@ def test_tool_choice_none_offers_no_calls(openai_client) -> None:
     assert res.choices[0].message.tool_calls is None
     with pytest.raises(openai.BadRequestError):
         openai_client.chat.completions.create(model="tiny-llama", messages=ASK, tool_choice="required", max_tokens=4)
+
+
+HISTORY = [
+    {"role": "system", "content": "Be brief."},
+    *ASK,
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_0123456789abcdef", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_0123456789abcdef", "content": "18 degrees"},
+]
+
+
+@pytest.mark.parametrize(
+    ("shape", "fmt", "offered", "call", "result"),
+    [
+        ("qwen2.5-7b-instruct", "hermes", "<tools>\n{",
+         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call><|im_end|>',
+         "<|im_start|>user\n<tool_response>\n18 degrees\n</tool_response><|im_end|>"),
+        ("llama-3.2-1b-instruct", "llama3_json", "Environment: ipython\n",
+         '<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": "Paris", "unit": "c"}}<|eot_id|>',
+         '<|start_header_id|>ipython<|end_header_id|>\n\n{"output": "18 degrees"}<|eot_id|>'),
+        ("mistral-7b-instruct-v0.3", "mistral", "[AVAILABLE_TOOLS] [{",
+         '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}, "id": "789abcdef"}]</s>',
+         '[TOOL_RESULTS] {"content": "18 degrees", "call_id": "789abcdef"}[/TOOL_RESULTS]'),
+    ],
+)  # fmt: skip
+def test_shaped_checkpoints_offer_tools_and_show_calls_in_their_own_format(tmp_path, shape, fmt, offered, call, result) -> None:
+    """Each family's template places the offered tools, the assistant's call and the tool's result
+    where that family's checkpoints do; the call format parsed is the one its template teaches."""
+    from deployments.checkpoint import ServedCheckpoint
+    from deployments.config import ShardserveArgs
+    from deployments.types import ChatMessage
+    from parallel.shaped_models import write_shaped_checkpoint
+
+    path = write_shaped_checkpoint(shape, tmp_path / shape)
+    checkpoint = ServedCheckpoint.open(path, ShardserveArgs(model=str(path)))
+    assert format_of(checkpoint.tokenizer.chat_template) == fmt
+    text = checkpoint.render_chat([ChatMessage.model_validate(m) for m in HISTORY], [Tool.model_validate(WEATHER)])
+    assert offered in text and '"description": "The weather in a city"' in text
+    assert call in text and result in text and text.index(offered) < text.index(call) < text.index(result)
+    assert "Be brief." in text
+
+
+def test_a_template_without_tools_refuses_them(tmp_path) -> None:
+    """Llama 3.0's and Gemma 3's templates never show tools to the model: offering them is a 400,
+    not a request answered as if the model had seen them."""
+    from deployments.checkpoint import ServedCheckpoint
+    from deployments.config import ShardserveArgs
+    from deployments.errors import InvalidRequest
+    from deployments.types import ChatMessage
+    from parallel.shaped_models import write_shaped_checkpoint
+
+    path = write_shaped_checkpoint("llama-3-8b-instruct", tmp_path / "llama3")
+    checkpoint = ServedCheckpoint.open(path, ShardserveArgs(model=str(path)))
+    with pytest.raises(InvalidRequest) as refused:
+        checkpoint.render_chat([ChatMessage.model_validate(m) for m in ASK], [Tool.model_validate(WEATHER)])
+    assert (refused.value.param, refused.value.code, refused.value.status_code) == ("tools", "tools_not_supported", 400)
+    assert checkpoint.render_chat([ChatMessage.model_validate(m) for m in ASK]).endswith("assistant<|end_header_id|>\n\n")

@@ -155,11 +155,6 @@ def _message(text: str, calls: list[ToolCall] | None) -> dict[str, Any]:
     return {"role": "assistant", "content": text or None, "tool_calls": [c.model_dump() for c in calls]}
 
 
-def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
-    """A streamed answer's calls, each whole in one delta (OpenAI's chunk shape, with index)."""
-    return [{"index": i, **c.model_dump()} for i, c in enumerate(calls)]
-
-
 def chat_chunk(
     request_id: str, model: str, created: int, index: int, delta: dict[str, Any], chunk: GenerateChunk | None
 ) -> dict[str, Any]:

@@ -274,9 +274,12 @@ class TokenizeBody(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    tools: list[Tool] | None = None
 
     def to_request(self) -> TokenizeRequest:
-        return TokenizeRequest(prompt=self.prompt, messages=self.messages, add_special_tokens=self.add_special_tokens)
+        return TokenizeRequest(
+            prompt=self.prompt, messages=self.messages, add_special_tokens=self.add_special_tokens, tools=self.tools
+        )
 
 
 class DetokenizeBody(BaseModel):

@@ -21,7 +21,6 @@ from deployments.api.openai_format import (
     completion_body,
     completion_chunk,
     embeddings_body,
-    tool_call_deltas,
     usage_chunk,
 )
 from deployments.api.openai_models import ChatCompletionRequest, CompletionRequest, DetokenizeBody, EmbeddingsBody, TokenizeBody
@@ -197,9 +196,11 @@ def register(app: FastAPI, backend: Backend) -> None:
                 yield chat_chunk(request_id, backend.model_name, created, i, {"role": "assistant", "content": ""}, None)
             async for _, chunk in stream:
                 usage.add(0, chunk)
-                delta: dict[str, Any] = {"content": chunk.text} if chunk.text or chunk.finish_reason is None else {}
+                delta: dict[str, Any] = {}
+                if chunk.text or (chunk.finish_reason is None and not chunk.tool_calls):
+                    delta["content"] = chunk.text
                 if chunk.tool_calls:
-                    delta["tool_calls"] = tool_call_deltas(chunk.tool_calls)
+                    delta["tool_calls"] = [d.openai() for d in chunk.tool_calls]
                 yield chat_chunk(request_id, backend.model_name, created, chunk.index, delta, chunk)
             if body.stream_options and body.stream_options.include_usage:
                 yield usage_chunk(request_id, backend.model_name, created, "chat.completion.chunk", usage.total())
