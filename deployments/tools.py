@@ -4,7 +4,6 @@ deployments/engine/tool_calls.py."""
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from typing import Any, Literal
@@ -67,11 +66,6 @@ class ToolCall(BaseModel):
     id: str = Field(default_factory=new_call_id)
     type: Literal["function"] = "function"
     function: ToolCallFunction
-
-    @classmethod
-    def of(cls, name: str, arguments: Any) -> ToolCall:
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        return cls(function=ToolCallFunction(name=name, arguments=text))
 
 
 class ToolCallDelta(BaseModel):

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from deployments.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, merged, new_call_id
+from deployments.tools import NamedToolChoice, ToolCall, ToolCallDelta, merged, new_call_id
 from deployments.types import GenerateChunk, GenerateRequest, StructuredOutput
 
 ToolCallFormat = Literal["hermes", "llama3_json", "mistral"]
@@ -263,15 +263,10 @@ class ToolCallStream:
         at = text.find(marker, self._looked)
         if at >= 0:
             return at, at + len(marker), 2 if self._fmt == "mistral" else 1
-        if self._fmt == "hermes":
+        if not self._at_opening() or self._undecided():
             return None
-        head = text[self._looked :].lstrip()
-        if self._scanners or self._sent or text[: self._looked].strip():
-            return None
-        if not head or marker.startswith(head):
-            return None  # undecided: only whitespace, or the marker's beginning, so far
         opener = "[" if self._fmt == "mistral" else "{"
-        if head.startswith(opener):
+        if text[self._looked :].lstrip().startswith(opener):
             return text.index(opener), text.index(opener), 2 if self._fmt == "mistral" else 1
         self._plain = self._fmt == "llama3_json"  # a Llama 3 call opens the answer, or there is none
         return None
@@ -280,14 +275,28 @@ class ToolCallStream:
         """How far the text can be sent as content: not a marker's beginning at its end, and
         nothing while the answer could still turn out to open with a call."""
         text, marker = self._text, _MARKERS[self._fmt]
-        if self._fmt != "hermes" and not self._plain and not self._sent and not text[: self._looked].strip():
-            head = text[self._looked :].lstrip()
-            if not head or marker.startswith(head):
-                return self._sent
+        if self._at_opening() and self._undecided():
+            return self._sent
         for keep in range(min(len(marker) - 1, len(text)), 0, -1):
             if marker.startswith(text[-keep:]):
                 return len(text) - keep
         return len(text)
+
+    def _at_opening(self) -> bool:
+        """Nothing but whitespace so far, in a format whose calls may open the answer without
+        their marker (Llama 3's bare JSON, Mistral's array once decoding dropped [TOOL_CALLS])."""
+        return (
+            self._fmt != "hermes"
+            and not self._plain
+            and not self._scanners
+            and not self._sent
+            and not self._text[: self._looked].strip()
+        )
+
+    def _undecided(self) -> bool:
+        """Only whitespace, or the marker's beginning, after `_looked` so far."""
+        head = self._text[self._looked :].lstrip()
+        return not head or _MARKERS[self._fmt].startswith(head)
 
     def _content_upto(self, end: int) -> str:
         """The unsent content before `end`, less trailing whitespace (held: it is dropped
@@ -358,7 +367,3 @@ async def with_tool_calls(
             if stream.made_calls and chunk.finish_reason == "stop":
                 update["finish_reason"] = "tool_calls"
         yield chunk.model_copy(update={**update, "text": content, "tool_calls": deltas or None})
-
-
-def tools_for_template(tools: list[Tool]) -> list[dict[str, Any]]:
-    return [t.model_dump(exclude_none=True) for t in tools]
