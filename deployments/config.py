@@ -77,6 +77,18 @@ class EngineConfig(StrictModel):
     request_timeout_s: float = Field(default=300.0, gt=0)
     """A request still generating after this many seconds is ended with 504."""
 
+    model_process: bool = True
+    """Run a model of one rank (tensor and pipeline size 1) in a process of its own beside the
+    replica, as vLLM runs its engine core: the replica's Python (streaming through Ray Serve,
+    detokenizing, health checks) then never holds the GIL the model thread needs between its
+    operators. False: the model runs on a thread of the replica's own process (one process
+    fewer per replica). A sharded model always runs on its rank actors."""
+
+    model_threads: int | None = Field(default=None, ge=1)
+    """Torch threads of a one-rank model. None: the replica's CPUs (`ray_actor_options.num_cpus`
+    in its deployment's section), at least one. Ranks of a sharded model use
+    `parallel.cpus_per_rank`."""
+
 
 class LimitsConfig(StrictModel):
     """Bounds on what one request may ask for; each violation is a 4xx naming the field."""

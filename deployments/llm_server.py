@@ -50,6 +50,7 @@ from deployments.types import (
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
 from parallel.local_runner import LocalModelRunner
+from parallel.model_process import ProcessModelRunner
 from parallel.runner import ModelInfo, ModelRunner, SamplingSpec
 
 logger = logging.getLogger("ray.serve")
@@ -399,10 +400,16 @@ def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:
 
 
 def make_runner(args: ShardserveArgs) -> ModelRunner:
-    """The replica's runner: in-process for one rank, rank actors for a sharded model."""
-    if args.world_size == 1:
-        return LocalModelRunner(args.model_spec(), args.kv_cache_spec())
-    return DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
+    """The replica's runner: a process of its own (or a thread of the replica) for one rank,
+    rank actors for a sharded model."""
+    if args.world_size > 1:
+        return DistributedModelRunner(args.model_spec(), args.kv_cache_spec(), args.parallel_spec())
+    engine = args.engine
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = engine.model_threads or max(1, int(cpus))
+    if not engine.model_process:
+        return LocalModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
+    return ProcessModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
 
 
 def _exit_replica() -> None:

@@ -80,9 +80,11 @@ class LocalModelRunner:
     another has two teams fighting over the cores, which made steps twice as slow on 2 cores.
     """
 
-    def __init__(self, spec: ModelSpec, kv: KVCacheSpec) -> None:
+    def __init__(self, spec: ModelSpec, kv: KVCacheSpec, threads: int | None = None) -> None:
+        """`threads`: torch threads of the model (None: the process's default)."""
         self._spec = spec
         self._kv = kv
+        self._threads = threads
         self._paged: PagedCausalLM | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-model")
 
@@ -114,6 +116,8 @@ class LocalModelRunner:
     def _load(self) -> ModelInfo:
         start = time.monotonic()
         spec, kv = self._spec, self._kv
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)  # on the model thread: OpenMP counts per thread
         retain_freed_memory()
         model, hf_config, path = load_hf_model(spec)
         window = context_window(hf_config, spec.max_model_len)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 import ray
 from ray import serve
@@ -68,6 +69,39 @@ def test_killed_replica_fails_only_its_in_flight_requests(pair: str) -> None:
         assert o.status == 503, o
         error = json.loads(o.body)["error"]
         assert error["code"] == "replica_failed" and "Traceback" not in o.body, error
+
+
+def model_process_pids() -> dict[str, int]:
+    """The model process (`engine.model_process`) of each replica of the app."""
+    out = {}
+    for actor_id, pid in replica_pids().items():
+        (child,) = [c for c in psutil.Process(pid).children() if "parallel.model_process" in " ".join(c.cmdline())]
+        out[actor_id] = child.pid
+    return out
+
+
+def test_a_killed_model_process_fails_only_its_in_flight_requests(pair: str) -> None:
+    """A replica's model process SIGKILLed under load: the requests in flight on that replica
+    fail cleanly, it refuses the next ones and leaves, the ingress resends those to the other
+    replica, and a new replica with its own model process takes its place."""
+    victim_id, victim = next(iter(model_process_pids().items()))
+    with ClosedLoop(pair) as load:
+        wait_until(lambda: load.successes_after(0) >= 10, timeout_s=120)
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: len(replica_pids()) == 2 and victim_id not in replica_pids(), timeout_s=60, interval_s=0.2)
+        recovered = time.monotonic()
+        wait_until(lambda: load.successes_after(recovered) >= 20, timeout_s=120)
+    failures = load.failures()
+    assert len(failures) <= load.clients, failures  # at most one in flight per client
+    for o in failures:
+        assert o.started < killed_at + 1.0, o  # in flight when the step failed, not sent after
+        assert o.ended - killed_at < 5.0, o
+        error = json.loads(o.body)["error"]
+        assert o.status in (500, 503) and "Traceback" not in o.body and error["message"], o
+    served_after = [o for o in load.outcomes if o.started > killed_at + 1.0]
+    assert len(served_after) >= 20 and all(o.status == 200 for o in served_after)
+    assert victim not in {c.pid for pid in replica_pids().values() for c in psutil.Process(pid).children()}
 
 
 def test_controller_killed_under_load_fails_no_request(pair: str) -> None:
