@@ -27,8 +27,24 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
+def settled(http: httpx.Client, push_interval_s: float = 2.5) -> dict[tuple[str, frozenset], float]:
+    """A scrape once the engine counters stop moving for a push interval: the replicas push
+    their counters every 2 s, so an earlier test's last requests can still arrive after it ended."""
+    import time
+
+    def engine(samples: dict) -> dict:
+        return {k: v for k, v in samples.items() if k[0].startswith(("shardserve:generation", "shardserve:request_success"))}
+
+    def still() -> dict | None:
+        first = scrape(http)
+        time.sleep(push_interval_s)
+        return first if engine(scrape(http)) == engine(first) else None
+
+    return wait_until(still, timeout_s=30, interval_s=0)
+
+
 def test_metrics_move_with_traffic(http) -> None:
-    before = scrape(http)
+    before = settled(http)
     n, max_tokens = 3, 5
     for _ in range(n):
         body = {"prompt": f"metrics {uuid.uuid4().hex}", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
