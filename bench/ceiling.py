@@ -20,10 +20,10 @@ from parallel.local_runner import LocalModelRunner
 from parallel.runner import SamplingSpec
 
 
-def load_runner(model: str, max_model_len: int | None = None) -> tuple[LocalModelRunner, object]:
-    """The runner a replica with default settings would have."""
+def load_runner(model: str, max_model_len: int | None = None, threads: int | None = None) -> tuple[LocalModelRunner, object]:
+    """The runner a replica with default settings would have (with `threads` torch threads)."""
     args = ShardserveArgs(model=model, max_model_len=max_model_len)
-    runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
+    runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
     return runner, runner.load()
 
 

@@ -115,7 +115,15 @@ def main() -> None:
     parser.add_argument("--model", default="shardserve/bench-llama")
     parser.add_argument("--systems", nargs="+", default=SYSTEMS, choices=SYSTEMS)
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    parser.add_argument(
+        "--engine",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="shardserve engine settings on top of the bench's (JSON values), e.g. model_threads=2 model_process=false",
+    )
     args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.engine)}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import ray
@@ -137,6 +145,7 @@ def main() -> None:
         "quick": args.quick,
         "levels": {},
         "started": time.strftime("%Y-%m-%d %H:%M"),
+        "engine": overrides,
     }
 
     if "vllm_cpu" in args.systems:  # before Ray: alone on the machine, as its users run it
@@ -148,7 +157,7 @@ def main() -> None:
     try:
         for system in [s for s in args.systems if s != "vllm_cpu"]:
             log(f"starting {LABELS[system]}")
-            url, model_name, stop = start_system(system, args.model, model_dir, base)
+            url, model_name, stop = start_system(system, args.model, model_dir, base, engine=overrides)
             try:
                 asyncio.run(workload.run_load(url, model_name, warmup, 2, stream=system != "naive"))
                 for c, reqs in loads.items():
@@ -163,7 +172,7 @@ def main() -> None:
             save(args.out, report)  # partial results survive a failure later in the run
         if "shardserve" in args.systems:
             log("shardserve with prefix caching off")
-            url, model_name, stop = start_system("shardserve", args.model, model_dir, base, prefix_caching=False)
+            url, model_name, stop = start_system("shardserve", args.model, model_dir, base, False, overrides)
             try:
                 report["prefix"]["off"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
             finally:
@@ -199,13 +208,15 @@ def measure_vllm(report: dict[str, Any], model_dir: str, warmup, loads, prefix_l
 
 
 def replica_rss_bytes(app: str) -> int:
-    """Resident memory of the app's model replicas (what holds the weights and the KV pool)."""
+    """Resident memory of the app's model replicas with their model processes (what holds the
+    weights and the KV pool)."""
     import psutil
     from ray._private import state as gcs_state  # Ray has no public per-actor process listing
 
     name = f"ServeReplica:{app}:LLMServer"
     pids = [a["Pid"] for a in gcs_state.actors().values() if a["State"] == "ALIVE" and a["ActorClassName"] == name]
-    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+    procs = [p for pid in pids for p in (psutil.Process(pid), *psutil.Process(pid).children(recursive=True))]
+    return sum(p.memory_info().rss for p in procs)
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
@@ -221,7 +232,9 @@ def publish(path: Path, report: dict[str, Any], markdown: str) -> None:
     log(f"wrote {path} and {path.with_suffix('.md')}")
 
 
-def start_system(system: str, model: str, model_dir: str, base: str, prefix_caching: bool = True):
+def start_system(
+    system: str, model: str, model_dir: str, base: str, prefix_caching: bool = True, engine: dict[str, Any] | None = None
+):
     from ray import serve
 
     from bench.peers import NaiveHF, ServeBatchHF, TransformersServe
@@ -229,9 +242,9 @@ def start_system(system: str, model: str, model_dir: str, base: str, prefix_cach
     from deployments.config import ShardserveArgs
 
     if system == "shardserve":
-        engine = {"max_num_seqs": 64, "max_waiting_requests": 256, "enable_prefix_caching": prefix_caching}
+        settings = {"max_num_seqs": 64, "max_waiting_requests": 256, "enable_prefix_caching": prefix_caching, **(engine or {})}
         # The result cache is off: this bench measures generation (bench/result_cache.py the cache).
-        config = ShardserveArgs(model=model, served_model_name="bench", engine=engine, cache={"enabled": False})
+        config = ShardserveArgs(model=model, served_model_name="bench", engine=settings, cache={"enabled": False})
         app = bind_app(config, {"ray_actor_options": {"num_cpus": 2}})
         serve.run(app, name="bench", route_prefix="/bench")
         return f"{base}/bench", "bench", lambda: serve.delete("bench")

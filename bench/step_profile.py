@@ -84,10 +84,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=300, help="cached tokens of each decoding sequence")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--top", type=int, default=15, help="operators shown per table")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
     args = parser.parse_args()
-    runner, info = load_runner(args.model)
+    runner, info = load_runner(args.model, threads=args.threads)
     assert info.block_size == BLOCK_SIZE
-    print(f"{args.model}: torch {torch.__version__}, {torch.get_num_threads()} threads, block size {BLOCK_SIZE}")
+    threads = runner.on_model_thread(torch.get_num_threads)
+    print(f"{args.model}: torch {torch.__version__}, {threads} threads, block size {BLOCK_SIZE}")
     try:
         for batch in (1, 16):
             step = decode_step(batch, args.context)
