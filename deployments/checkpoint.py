@@ -36,6 +36,9 @@ class ServedCheckpoint:
     fingerprint: str
     generation: dict[str, Any]
     """generation_config.json as shipped ({} without one)."""
+    quality: dict[str, Any] | None = None
+    """What the model's training.json reports about it (the built-in doc-llama ships one): the
+    held-out loss and perplexity, the corpus and the steps. None for other checkpoints."""
 
     @classmethod
     def open(cls, model_dir: Path, args: ShardserveArgs) -> ServedCheckpoint:
@@ -47,7 +50,8 @@ class ServedCheckpoint:
         # (an absolute path would keep replicas with different cache roots from sharing entries).
         parts = [args.model, args.revision, model_dir.name, args.dtype, args.generation_config, checkpoint_fingerprint(model_dir)]
         identity = "\0".join(str(p) for p in parts)
-        return cls(tokenizer, defaults, hashlib.sha256(identity.encode()).hexdigest()[:16], generation)
+        fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        return cls(tokenizer, defaults, fingerprint, generation, training_quality(model_dir))
 
     def with_stop_ids(self, info: ModelInfo) -> ModelInfo:
         """The runner's ModelInfo with the tokenizer's EOS added to the checkpoint's."""
@@ -107,3 +111,14 @@ def _call_for_template(call: Any) -> dict[str, Any]:
         except json.JSONDecodeError:
             pass  # left as the text it is: the template shows what the client sent
     return {"id": call.get("id") if isinstance(call, dict) else None, "type": "function", "function": function}
+
+
+def training_quality(model_dir: Path) -> dict[str, Any] | None:
+    """The held-out figures of training.json beside the weights, if the model has one."""
+    path = model_dir / "training.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    keys = ("held_out_loss", "held_out_perplexity", "final_train_loss", "steps", "parameters")
+    corpus = record.get("corpus", {})
+    return {k: record[k] for k in keys if k in record} | {"corpus": corpus.get("source"), "corpus_sha256": corpus.get("sha256")}

@@ -110,6 +110,7 @@ class LLMServer:
             eos_token_ids=list(self._info.eos_token_ids),
             sampling_defaults=self._checkpoint.sampling_defaults,
             fingerprint=self._checkpoint.fingerprint,
+            quality=self._checkpoint.quality,
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:

@@ -354,6 +354,8 @@ class ModelCard(BaseModel):
     eos_token_ids: list[int] = Field(default_factory=list)
     """Every id that ends a generation (config.json, generation_config.json, the tokenizer's)."""
     sampling_defaults: SamplingDefaults = SamplingDefaults()
+    quality: dict[str, Any] | None = None
+    """Held-out loss and perplexity from the model's training.json (the built-in doc-llama)."""
     fingerprint: str = ""
     """Identity of the weights served (source, revision, dtype, weight files): result-cache
     entries of another checkpoint under the same name and version never match."""

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from tokenizers import Tokenizer
 
@@ -99,8 +101,13 @@ BUILTIN_MODELS: dict[str, BuiltinModelSpec] = {
 }
 
 
+# Built-in models whose weights ship in the repository: trained, not generated.
+# `shardserve/doc-llama` is a small Llama of the Python documentation (tools/train_default_model.py).
+SHIPPED_MODELS: dict[str, Path] = {"shardserve/doc-llama": Path(__file__).resolve().parent / "doc_llama"}
+
+
 def is_builtin(model: str) -> bool:
-    return model in BUILTIN_MODELS
+    return model in BUILTIN_MODELS or model in SHIPPED_MODELS
 
 
 def default_cache_dir() -> Path:
@@ -115,6 +122,12 @@ def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:
     Generation writes to a temporary directory and renames it into place, so concurrent replicas
     (or a crash half-way) never see a partial model.
     """
+    if name in SHIPPED_MODELS:
+        shipped = SHIPPED_MODELS[name]
+        if not (shipped / "model.safetensors").exists():
+            hint = "python -m tools.train_default_model makes them"
+            raise FileNotFoundError(f"{name}'s weights are missing from {shipped}: {hint}")
+        return shipped
     spec = BUILTIN_MODELS[name]
     target = (cache_dir or default_cache_dir()) / f"{name.split('/', 1)[1]}-{spec.fingerprint()}"
     if (target / "config.json").exists():
@@ -153,8 +166,15 @@ def _training_corpus(seed: int, vocab_size: int) -> list[str]:
     return out
 
 
-def train_byte_bpe(vocab_size: int, special_tokens: list[str], seed: int = 0, unk_token: str | None = None) -> Tokenizer:
-    """A byte-level BPE of exactly vocab_size tokens, the special ones first (ids 0..)."""
+def train_byte_bpe(
+    vocab_size: int,
+    special_tokens: list[str],
+    seed: int = 0,
+    unk_token: str | None = None,
+    texts: Iterable[str] | None = None,
+) -> Tokenizer:
+    """A byte-level BPE of exactly vocab_size tokens, the special ones first (ids 0..), trained
+    on `texts` (default: seeded English-like lines that fill any vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=unk_token))
@@ -166,17 +186,23 @@ def train_byte_bpe(vocab_size: int, special_tokens: list[str], seed: int = 0, un
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_training_corpus(seed, vocab_size), trainer)
+    tok.train_from_iterator(_training_corpus(seed, vocab_size) if texts is None else texts, trainer)
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, the model {vocab_size}")
     return tok
 
 
 def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
+    tokenizer = train_byte_bpe(spec.vocab_size, SPECIAL_TOKENS, spec.seed, unk_token="<unk>")
+    save_tokenizer(tokenizer, out, spec.max_position_embeddings)
+
+
+def save_tokenizer(tokenizer: Tokenizer, out: Path, model_max_length: int) -> None:
+    """The tokenizer files of a built-in model: its BPE, the special tokens and the chat template."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=train_byte_bpe(spec.vocab_size, SPECIAL_TOKENS, spec.seed, unk_token="<unk>"),
+        tokenizer_object=tokenizer,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
@@ -184,7 +210,7 @@ def _write_tokenizer(spec: BuiltinModelSpec, out: Path) -> None:
         additional_special_tokens=SPECIAL_TOKENS[3:],
     )
     fast.chat_template = CHAT_TEMPLATE
-    fast.model_max_length = spec.max_position_embeddings
+    fast.model_max_length = model_max_length
     fast.save_pretrained(out)
 
 

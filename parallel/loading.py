@@ -33,7 +33,10 @@ class ModelLoadError(RuntimeError):
 def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     """Turn `model:` from the config into a local directory holding safetensors weights."""
     if is_builtin(model):
-        return ensure_builtin_model(model)
+        try:
+            return ensure_builtin_model(model)
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from exc
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -146,6 +146,7 @@ def register(app: FastAPI, backend: Backend) -> None:
                     "num_parameters": card.num_parameters,
                     "weight_bytes": card.weight_bytes,
                     "dtype": card.dtype,
+                    "quality": card.quality,
                 },
             },
         }
