@@ -42,7 +42,7 @@ class ServeRun:
         self.env = env
         with log.open("w") as out:
             self.proc = subprocess.Popen(["serve", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                         cwd=ROOT, start_new_session=True)  # fmt: skip
+                                         cwd=ROOT, preexec_fn=_as_in_a_terminal)  # fmt: skip
         wait_until(self._ready, timeout_s=300, interval_s=1)
 
     def _ready(self) -> bool:
@@ -56,16 +56,28 @@ class ServeRun:
     def console(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def stop(self) -> None:
-        """Ctrl-C, as a user stops it (Serve shuts down, then the Ray it started)."""
+    def stop(self) -> bool:
+        """Ctrl-C, as a user stops it (Serve shuts down, then the Ray it started). Returns whether
+        it exited on its own within 30 s (else it is killed)."""
+        exited = True
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGINT)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                exited = False
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        return exited
+
+
+def _as_in_a_terminal() -> None:
+    """The child's own process group (Ctrl-C goes to all of it), with Ctrl-C's default action:
+    a test run started in the background (nohup, `&`) has SIGINT ignored, which the child would
+    inherit, and `serve run` would then never see the Ctrl-C."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class TestTheEmbeddedDefault:
@@ -126,5 +138,6 @@ def test_own_checkpoint_in_one_line(tmp_path: Path) -> None:
         answer = httpx.post(f"{run.base}/v1/chat/completions", json=chat, timeout=60).json()
         assert answer["usage"]["completion_tokens"] == 4, answer
         assert "max_num_seqs=4 sequences of 32768 tokens" in run.console()  # the nested field reached the engine
+        assert run.stop(), "serve run did not exit within 30 s of Ctrl-C"
     finally:
         run.stop()
