@@ -170,3 +170,20 @@ def redis_url() -> Iterator[str]:
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def assert_only_in_flight_requests_failed(load: Any, killed_at: float) -> None:
+    """After a worker of one replica was killed under a ClosedLoop: the requests in flight on it
+    failed cleanly (500/503 with a message, no traceback, within 5 s), and nothing sent a second
+    after the kill failed (its replica refused them and the ingress resent them elsewhere)."""
+    import json
+
+    failures = load.failures()
+    assert len(failures) <= load.clients, failures  # at most one in flight per client
+    for o in failures:
+        assert o.started < killed_at + 1.0, o  # in flight when the step failed, not sent after
+        assert o.ended - killed_at < 5.0, o
+        error = json.loads(o.body)["error"]
+        assert o.status in (500, 503) and "Traceback" not in o.body and error["message"], o
+    served_after = [o for o in load.outcomes if o.started > killed_at + 1.0]
+    assert len(served_after) >= 20 and all(o.status == 200 for o in served_after)
