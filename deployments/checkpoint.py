@@ -65,7 +65,10 @@ class ServedCheckpoint:
         """The prompt text the model's own chat template makes of the turns, with the assistant's
         turn opened. InvalidRequest (400) when the checkpoint has no template, or when the
         template refuses the turns (Mistral and Gemma templates raise on a misplaced role), or
-        when tools are offered to a template that never shows them to the model."""
+        when tools are offered to a template that never shows them to the model, or when there
+        are no turns at all (transformers raises a bare ValueError on those)."""
+        if not messages:
+            raise InvalidRequest("messages must not be empty", param="messages")
         if not self.tokenizer.chat_template:
             raise InvalidRequest(
                 "this model has no chat template (a base checkpoint?): use /v1/completions with a prompt, "

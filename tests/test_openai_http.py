@@ -247,6 +247,7 @@ def test_tokenize_counts_what_generation_reads_and_detokenize_inverts(openai_cli
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
         ("/tokenize", {}, "prompt"),
         ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+        ("/tokenize", {"messages": []}, "messages"),
     ]:
         res = http.post(route, json=bad)
         assert res.status_code == 400 and res.json()["error"]["param"] == param, res.text

@@ -175,8 +175,6 @@ def register(app: FastAPI, backend: Backend) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request, response: Response):
         version = check_model(backend, body.model)
-        if not body.messages:
-            raise InvalidRequest("messages must not be empty", param="messages")
         try:
             generate = body.to_generate_request()
         except ValidationError as exc:  # tools that do not fit together (GenerateRequest._tools_fit)
