@@ -281,11 +281,11 @@ class FaultsConfig(StrictModel):
 class ShardserveArgs(StrictModel):
     """The `args:` of a shardserve application in serve_config.yaml."""
 
-    model: str = "shardserve/tiny-llama"
-    """Built-in model name (`shardserve/tiny-llama` and `shardserve/bench-llama`, random weights
-    generated on first use; `shardserve/doc-llama`, trained on the Python documentation and
-    shipped in the repository), a local Hugging Face model directory, or a hub id. Weights are
-    loaded from safetensors only."""
+    model: str = "shardserve/doc-llama"
+    """Built-in model name (`shardserve/doc-llama`, trained on the Python documentation and
+    shipped in the repository; `shardserve/tiny-llama` and `shardserve/bench-llama`, random
+    weights generated on first use, for tests and benchmarks), a local Hugging Face model
+    directory, or a hub id. Weights are loaded from safetensors only."""
 
     served_model_name: str | None = None
     """Name clients use in `model` fields and URLs; defaults to the last part of `model`."""

@@ -25,7 +25,7 @@ def test_embedded_default_config_validates() -> None:
     (app,) = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
     args = ShardserveArgs.model_validate(app["args"])
-    assert args.model == "shardserve/tiny-llama"
+    assert args.model == "shardserve/doc-llama"
     assert config["http_options"]["host"] == "127.0.0.1"
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     assert llm["autoscaling_config"]["max_replicas"] >= llm["autoscaling_config"]["min_replicas"]

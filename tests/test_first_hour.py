@@ -1,6 +1,6 @@
 """The first hour, run as a new user runs it: `serve run` in one terminal, everything else in
-another process (`serve status`, README's Python handle example), and one's own checkpoint
-started in one line with Ray Serve's builder arguments.
+another process (`serve status`, every README example, which must print what the README shows),
+and one's own checkpoint started in one line with Ray Serve's builder arguments.
 
 These start their own Ray (through `serve run`, as a user does), so they run before the
 session's shared cluster exists; every server started here is stopped by its process id.
@@ -21,9 +21,10 @@ import pytest
 import yaml
 
 from parallel.shaped_models import write_shaped_checkpoint
+from tools.doc_corpus import python_docs
 
 from .conftest import free_port, wait_until
-from .test_readme_examples import EXAMPLES
+from .test_readme_examples import EXAMPLES, PRINTS, localize, prints_as_shown
 
 pytestmark = pytest.mark.own_cluster
 
@@ -102,12 +103,35 @@ class TestTheEmbeddedDefault:
         assert status["applications"]["shardserve"]["status"] == "RUNNING"
         assert status["applications"]["shardserve"]["deployments"]["LLMServer"]["replica_states"] == {"RUNNING": 1}
 
-    def test_readme_handle_example_in_a_second_process(self, default: ServeRun) -> None:
-        out = subprocess.run([sys.executable, "-c", EXAMPLES["handle"]], capture_output=True, text=True, timeout=120,
-                             env=default.env, cwd=ROOT)  # fmt: skip
+    @pytest.mark.parametrize("name", sorted(EXAMPLES))
+    def test_readme_example_in_a_second_process_prints_what_the_readme_shows(self, default: ServeRun, name: str) -> None:
+        """Verbatim but for the port, each in a process of its own as a user runs it; greedy, so
+        the text is the model's and must be the README's, token for token."""
+        code = localize(EXAMPLES[name], default.base)
+        command = ["bash", "-euc", code] if name in ("curl", "tfserving") else [sys.executable, "-c", code]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120, env=default.env, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "completion_tokens=16" in out.stdout, out.stdout
+        assert prints_as_shown(name, out.stdout), f"README shows:\n{PRINTS[name]}\n\nit printed:\n{out.stdout}"
         assert "ServeReplica" not in out.stdout + out.stderr  # the replicas' logs stay in serve run's console
+
+    def test_its_greedy_answers_are_words_of_the_python_docs(self, default: ServeRun) -> None:
+        """64 greedy tokens each, over HTTP: nearly every word is one the training corpus uses
+        (a random-weight model writes byte soup: none would be)."""
+        vocabulary = {w for doc in python_docs().documents for w in re.findall(r"[A-Za-z]+", doc)}
+        words: list[str] = []
+        for route, body in [
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "What does the len() function return?"}]}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "How do I sort a list?"}]}),
+            ("/v1/completions", {"prompt": "The with statement"}),
+        ]:
+            body |= {"max_tokens": 64, "temperature": 0, "ignore_eos": True}
+            res = httpx.post(f"{default.base}{route}", json=body, timeout=60)
+            assert res.status_code == 200, res.text
+            (choice,) = res.json()["choices"]
+            assert res.json()["usage"]["completion_tokens"] == 64
+            words += re.findall(r"[A-Za-z]+", choice.get("text") or choice["message"]["content"])
+        assert len(words) > 50
+        assert sum(w in vocabulary for w in words) / len(words) > 0.9, words
 
     def test_internal_calls_do_not_flood_the_console(self, default: ServeRun) -> None:
         """Replicas push their metrics to the hub every couple of seconds; none of it is logged."""

@@ -118,7 +118,7 @@ def test_deploy_tp2_on_two_nodes_and_redeploy_without_failures(two_nodes: dict[s
     with httpx.Client(base_url=base, timeout=60) as http:
         first = http.post("/v1/completions", json=body)
         assert first.status_code == 200, first.text
-        assert http.get("/v1/models/tiny-llama").json()["model_version_status"][0]["version"] == "1"
+        assert http.get("/v1/models/doc-llama").json()["model_version_status"][0]["version"] == "1"
 
         outcomes: list[int] = []
         stop = threading.Event()
@@ -138,7 +138,7 @@ def test_deploy_tp2_on_two_nodes_and_redeploy_without_failures(two_nodes: dict[s
             run("serve", "deploy", str(serve_config(tmp_path, port, model_version=2)), *address, timeout=180)
 
             def rolled_over() -> bool:
-                res = http.get("/v1/models/tiny-llama")
+                res = http.get("/v1/models/doc-llama")
                 return res.status_code == 200 and res.json()["model_version_status"][0]["version"] == "2" and running()
 
             wait_until(rolled_over, timeout_s=300, interval_s=1)
