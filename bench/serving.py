@@ -122,9 +122,18 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="shardserve engine settings on top of the bench's (JSON values), e.g. model_threads=2 model_process=false",
     )
+    parser.add_argument(
+        "--ray-high-throughput",
+        action="store_true",
+        help="start Ray with Ray Serve's high-throughput mode exported (deployments.app.RAY_HIGH_THROUGHPUT_ENV)",
+    )
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.engine)}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.ray_high_throughput:  # before the first ray.init: Serve's processes inherit it
+        from deployments.app import RAY_HIGH_THROUGHPUT_ENV
+
+        os.environ.update(RAY_HIGH_THROUGHPUT_ENV)
 
     import ray
     from ray import serve
@@ -146,6 +155,7 @@ def main() -> None:
         "levels": {},
         "started": time.strftime("%Y-%m-%d %H:%M"),
         "engine": overrides,
+        "ray_high_throughput": args.ray_high_throughput,
     }
 
     if "vllm_cpu" in args.systems:  # before Ray: alone on the machine, as its users run it
@@ -295,7 +305,8 @@ def bare_prefill(model: str, reqs) -> dict[str, float]:
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}, started {report['started']}.", ""]
+    mode = ", Ray Serve's high-throughput mode" if report.get("ray_high_throughput") else ""
+    lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}{mode}, started {report['started']}.", ""]
     for c, systems in report["levels"].items():
         lines += [
             f"**Concurrency {c}** ({next(iter(systems.values()))['requests']} requests; ratios are shardserve's advantage: "

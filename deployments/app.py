@@ -20,6 +20,13 @@ from parallel import model_repository
 from parallel.model_repository import select_versions
 from parallel.placement import replica_bundles, unplaceable_reason
 
+RAY_HIGH_THROUGHPUT_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+"""Ray Serve's high-throughput mode (Ray 2.55+, documented in Ray's KubeRay guide), exported
+where Ray starts: HAProxy in front instead of Serve's Python proxy, the ingress replica taking
+HTTP itself, gRPC between replicas, user code on the replica's own event loop. Each streamed
+chunk then crosses one Python process fewer (see README "High-throughput mode"). Environment,
+not config: Serve's controller and proxies read it when they start, before any app is built."""
+
 
 def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
     """Replica options computed from the config, in one place.

@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
+from deployments.app import RAY_HIGH_THROUGHPUT_ENV
 from parallel.shaped_models import write_shaped_checkpoint
 from tools.doc_corpus import python_docs
 
@@ -34,12 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class ServeRun:
     """`serve run ...` in a process group of its own, its console captured to a file."""
 
-    def __init__(self, args: list[str], log: Path, port: int) -> None:
+    def __init__(self, args: list[str], log: Path, port: int, exported: dict[str, str] | None = None) -> None:
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
         self.log = log
         self.base = f"http://127.0.0.1:{port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}  # a fresh terminal
-        env["RAY_USAGE_STATS_ENABLED"] = "0"
+        env |= {"RAY_USAGE_STATS_ENABLED": "0", **(exported or {})}
         self.env = env
         with log.open("w") as out:
             self.proc = subprocess.Popen(["serve", "run", *args], stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -81,18 +83,54 @@ def _as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# README "High-throughput mode". The drain Serve gives an ingress replica for outside load
+# balancers (30 s) is cut here, where nothing but the local HAProxy routes to it.
+HIGH_THROUGHPUT = {**RAY_HIGH_THROUGHPUT_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def listening_process(port: int) -> str:
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    return psutil.Process(pid).name()
+
+
+def settled_generation_tokens(base: str) -> float:
+    """Tokens generated so far, once nothing runs and two pushes to the metrics hub agree."""
+
+    def counters() -> tuple[float, float]:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+        return tuple(  # type: ignore[return-value]
+            sum(float(v) for v in re.findall(rf"^shardserve:{name}\{{[^}}]*\}} (\S+)", text, flags=re.M))
+            for name in ("generation_tokens_total", "num_requests_running")
+        )
+
+    seen: list[tuple[float, float]] = []
+
+    def settled() -> bool:
+        seen.append(counters())
+        return len(seen) >= 2 and seen[-1] == seen[-2] and seen[-1][1] == 0
+
+    wait_until(settled, timeout_s=60, interval_s=2.5)  # the replicas push every 2 s
+    return seen[-1][0]
+
+
 class TestTheEmbeddedDefault:
-    @pytest.fixture(scope="class")
-    def default(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
-        """serve_config.yaml as it ships, on a free port."""
+    @pytest.fixture(scope="class", params=["as-shipped", "high-throughput"])
+    def default(self, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeRun]:
+        """serve_config.yaml as it ships, on a free port; started plainly, then again with Ray
+        Serve's high-throughput mode exported in the terminal."""
         config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
         port = free_port()
         config["http_options"]["port"] = port
         tmp = tmp_path_factory.mktemp("first-hour")
         (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config))
-        run = ServeRun([str(tmp / "serve_config.yaml")], tmp / "console.log", port)
+        exported = HIGH_THROUGHPUT if request.param == "high-throughput" else None
+        run = ServeRun([str(tmp / "serve_config.yaml")], tmp / "console.log", port, exported)
+        if exported:
+            assert "Throughput optimized Ray Serve enabled" in run.console()
+            assert listening_process(port) == "haproxy"  # not Serve's Python proxy
         yield run
-        run.stop()
+        assert run.stop(), "serve run did not exit within 30 s of Ctrl-C"
+        assert not [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"], "Ctrl-C left HAProxy running"
 
     def test_serve_status_in_a_second_terminal(self, default: ServeRun) -> None:
         """As the README says: token mode on for Ray's CLI, since Ray turned token auth on."""
@@ -132,6 +170,20 @@ class TestTheEmbeddedDefault:
             words += re.findall(r"[A-Za-z]+", choice.get("text") or choice["message"]["content"])
         assert len(words) > 50
         assert sum(w in vocabulary for w in words) / len(words) > 0.9, words
+
+    def test_a_client_that_leaves_mid_stream_stops_its_generation(self, default: ServeRun) -> None:
+        """The disconnect has to travel back through whatever is in front of the ingress (Serve's
+        proxy, or HAProxy to the ingress replica's own server) to the engine."""
+        asked = 1500  # seconds of decoding: far longer than the metrics take to show it stopped
+        before = settled_generation_tokens(default.base)
+        body = {"prompt": "The list type", "max_tokens": asked, "ignore_eos": True, "stream": True, "temperature": 0}
+        with httpx.Client(base_url=default.base, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as res:
+                assert res.status_code == 200
+                events = (line for line in res.iter_lines() if line.startswith("data: "))
+                for _ in range(3):
+                    next(events)
+        assert 3 <= settled_generation_tokens(default.base) - before < asked / 2
 
     def test_internal_calls_do_not_flood_the_console(self, default: ServeRun) -> None:
         """Replicas push their metrics to the hub every couple of seconds; none of it is logged."""
