@@ -74,6 +74,14 @@ class EngineConfig(StrictModel):
     milliseconds (carrying every token since the last). Fewer messages through Ray Serve leave
     the CPU to the model; 0 sends every token on its own."""
 
+    stream_chunks_per_s: float = Field(default=200.0, ge=0)
+    """The replica's budget of streamed chunks per second, over all the outputs it is
+    generating: with more running than `stream_interval_ms` lets through within it, each
+    output's interval widens to (running outputs / this) seconds. A chunk costs CPU in every
+    Ray Serve hop it crosses whatever it carries, taken from the cores the model runs on; with
+    the budget that cost stays a fixed share as load grows (vLLM's engine likewise sends one
+    message per step whatever the batch). The first chunk still goes at once. 0: no budget."""
+
     request_timeout_s: float = Field(default=300.0, gt=0)
     """A request still generating after this many seconds is ended with 504."""
 

@@ -91,6 +91,15 @@ class LLMServer:
         if self._pusher is not None:
             self._pusher.ensure_started()
 
+    def _stream_interval(self) -> float:
+        """Seconds until an output's next chunk: the configured interval, widened under load so
+        that the replica's chunks stay within `stream_chunks_per_s`."""
+        engine = self._args.engine
+        floor = engine.stream_interval_ms / 1000
+        if not engine.stream_chunks_per_s:
+            return floor
+        return max(floor, self._engine.num_running / engine.stream_chunks_per_s)
+
     # ---- Python API -------------------------------------------------------------------------
 
     async def model_card(self) -> ModelCard:
@@ -295,7 +304,7 @@ class LLMServer:
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s
-        interval = self._args.engine.stream_interval_ms / 1000
+        interval = self._stream_interval
         outputs = [
             output_chunks(
                 self._engine, seq, self._tokenizer, request, request_id, i, len(prompt_ids), interval, self._metrics.itl.observe

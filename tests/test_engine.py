@@ -271,3 +271,35 @@ print(len(asyncio.run(main())))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "4", out.stderr[-2000:]
+
+
+def test_a_widened_stream_interval_merges_chunks_and_keeps_every_token(loaded) -> None:
+    """The LLM server widens each output's chunk interval with load (`stream_chunks_per_s`):
+    fewer chunks, the same tokens and text, the first and the last still sent at once."""
+    from transformers import AutoTokenizer
+
+    from deployments.engine.output_stream import output_chunks
+    from deployments.types import GenerateRequest
+
+    runner, info = loaded
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir("shardserve/tiny-llama"))
+    request = GenerateRequest(prompt="x", max_tokens=16, temperature=0, ignore_eos=True)
+
+    async def run(interval_s: float) -> list[list]:
+        engine = LLMEngine(runner, info, EngineConfig())
+        streams = []
+        for p in prompts(6):
+            (seq,) = engine.add(p, [(GREEDY, 0)], 16, ignore_eos=True)
+            streams.append(output_chunks(engine, seq, tokenizer, request, "r", 0, len(p), lambda: interval_s, lambda _: None))
+        async def chunks(stream) -> list:
+            return [c async for c in stream]
+
+        return list(await asyncio.gather(*(chunks(s) for s in streams)))
+
+    every_token, widened = asyncio.run(run(0.0)), asyncio.run(run(3600.0))
+    for each, merged in zip(every_token, widened, strict=True):
+        assert len(each) > 2  # a chunk whenever the engine hands over tokens
+        assert len(merged) == 2 and merged[0].finish_reason is None  # the first at once, the rest at the end
+        assert [t for c in merged for t in c.token_ids] == [t for c in each for t in c.token_ids]
+        assert "".join(c.text for c in merged) == "".join(c.text for c in each)
+        assert merged[-1].finish_reason == each[-1].finish_reason == "length"

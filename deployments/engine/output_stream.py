@@ -22,12 +22,13 @@ async def output_chunks(
     request_id: str,
     index: int,
     prompt_tokens: int,
-    interval_s: float,
+    interval_s: Callable[[], float],
     observe_itl: Callable[[float], None],
 ) -> AsyncIterator[GenerateChunk]:
     """One output's chunks: text released by the detokenizer, ended by EOS, a stop string, the
-    length limit or a complete grammar; at most one chunk per `interval_s` while it runs (the
-    last always at once). `observe_itl` gets each inter-token gap."""
+    length limit or a complete grammar; at most one chunk per `interval_s()` seconds while it
+    runs (asked anew after each chunk: it widens with load; the first and the last always go at
+    once). `observe_itl` gets each inter-token gap."""
     text = OutputText(tokenizer, request.stop)
     want_logprobs = request.logprobs is not None
     ids: list[int] = []
@@ -49,7 +50,7 @@ async def output_chunks(
         ids, logprobs = [], []
         return out
 
-    last_sent = -interval_s
+    last_sent, wait_s = 0.0, 0.0  # the first chunk goes at once
     delta = ""
     last_token_at = time.monotonic()
     async for tokens in engine.stream(seq):
@@ -72,8 +73,8 @@ async def output_chunks(
                 engine.abort(seq)
                 yield chunk(delta, "stop")
                 return
-        if (delta or want_logprobs) and now - last_sent >= interval_s:
+        if (delta or want_logprobs) and now - last_sent >= wait_s:
             yield chunk(delta, None)
-            delta, last_sent = "", now
+            delta, last_sent, wait_s = "", now, interval_s()
     # The engine ended it: at the length limit, or (a stop token aside) its grammar complete.
     yield chunk(delta + text.finish(), "stop" if seq.finish_reason == "stop" else "length")
