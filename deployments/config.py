@@ -307,6 +307,13 @@ class ShardserveArgs(StrictModel):
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the model runs."""
 
+    attention_backend: Literal["auto", "cpu_paged", "gather_sdpa"] = "auto"
+    """Paged attention of decode tokens. cpu_paged: shardserve's C kernel reading the KV blocks
+    in place (CPU, float32; built with the machine's C compiler on first use and cached under
+    `$SHARDSERVE_CACHE/kernels`). gather_sdpa: each sequence's blocks gathered, then torch's
+    scaled_dot_product_attention (any device and dtype). auto: cpu_paged where it applies and
+    builds, else gather_sdpa."""
+
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint to run. Off: it executes arbitrary code."""
 
@@ -399,6 +406,8 @@ class ShardserveArgs(StrictModel):
     def _cuda_dtype(self) -> ShardserveArgs:
         if self.device == "cpu" and self.dtype == "float16":
             raise ValueError("dtype float16 is not supported on device cpu; use float32 or bfloat16")
+        if self.attention_backend == "cpu_paged" and (self.device, self.dtype) != ("cpu", "float32"):
+            raise ValueError(f"attention_backend cpu_paged runs on device cpu in float32, not {self.device} in {self.dtype}")
         return self
 
     @property
@@ -423,6 +432,7 @@ class ShardserveArgs(StrictModel):
             trust_remote_code=self.trust_remote_code,
             max_model_len=self.max_model_len,
             device=self.device,
+            attention_backend=self.attention_backend,
         )
 
 

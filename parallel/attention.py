@@ -3,11 +3,11 @@
 `PagedAttention` is what the forward calls once per layer, after the step's K/V has been
 written to the pool: the step's queries, its own new K/V (prefills that start a sequence attend
 to these alone), the layer's K/V blocks, and the step's sequences as decode groups and prefill
-chunks. `gather_sdpa`, the backend on every device today, gathers each group's blocks into one
+chunks. `gather_sdpa`, the backend every device has, gathers each group's blocks into one
 padded tensor and calls torch's scaled_dot_product_attention, which dispatches to its fused CPU
 kernel (and on cuda to flash or memory-efficient attention). A paged kernel that reads the blocks
 in place (vLLM's and FlashInfer's shape: block tables and context lengths) takes the same
-arguments and skips the gather.
+arguments and skips the gather: `parallel.cpu_attention.cpu_paged` does so for CPU decode tokens.
 """
 
 from __future__ import annotations
@@ -118,10 +118,9 @@ def gather_sdpa(
 ) -> torch.Tensor:
     """Each decode group's blocks gathered and attended to in one padded SDPA call; each
     prefill chunk in one causal call (over its own K/V, or its blocks when it continues a
-    sequence). The gather is the cost a paged kernel saves (a fifth of a decode step at batch
-    16 on CPU: bench/step_profile.py)."""
+    sequence). The gather is the cost a paged kernel saves (a quarter of a decode step at batch
+    16 on CPU: bench/step_profile.py; parallel/cpu_attention.py reads the blocks in place)."""
     kv_heads, d = k_blocks.shape[2], k_blocks.shape[3]
-    block_size = k_blocks.shape[1]
     out = torch.empty_like(q)
     for group in decode_groups:
         rows = group.rows.numel()
@@ -131,6 +130,24 @@ def gather_sdpa(
         vd = v_blocks.index_select(0, flat_blocks).view(rows, -1, kv_heads, d).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=group.mask(window), scale=scale, enable_gqa=True)
         out[group.rows] = od.squeeze(2)
+    attend_prefills(out, q, k, v, k_blocks, v_blocks, prefills, window, scale)
+    return out
+
+
+def attend_prefills(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_blocks: torch.Tensor,
+    v_blocks: torch.Tensor,
+    prefills: list[Prefill],
+    window: int | None,
+    scale: float,
+) -> None:
+    """Each prefill chunk's attention into its rows of out, in one causal SDPA call (over its
+    own K/V, or its blocks when it continues a sequence)."""
+    block_size, kv_heads, d = k_blocks.shape[1], k_blocks.shape[2], k_blocks.shape[3]
     for p in prefills:
         qp = q[p.row : p.row + p.n].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
         mask = p.mask(window, block_size)
@@ -142,4 +159,3 @@ def gather_sdpa(
             vp = v_blocks.index_select(0, p.blocks).view(-1, kv_heads, d).transpose(0, 1).unsqueeze(0)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
         out[p.row : p.row + p.n] = op[0].transpose(0, 1)
-    return out

@@ -110,6 +110,7 @@ class DistributedModelRunner:
             model_window=window,
             kv_cache_bytes=plan.num_blocks * sum(r.kv_bytes_per_block for r in self.reports),
             kv_sizing=plan.reason,
+            attention_backend=self.reports[0].attention_backend,
         )
 
     def step(self, step_input: StepInput) -> StepOutput:

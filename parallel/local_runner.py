@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
+from parallel.cpu_attention import attention_backend
 from parallel.host_memory import retain_freed_memory
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
@@ -129,7 +130,8 @@ class LocalModelRunner:
         per_block = PagedKVCache.bytes_per_block(layers, kv.block_size, kv_heads, head_dim, dtype)
         plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
         cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
-        self._paged = PagedCausalLM(model, cache)
+        backend, attention = attention_backend(spec.attention_backend, spec.device, dtype)
+        self._paged = PagedCausalLM(model, cache, attention)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
@@ -143,6 +145,7 @@ class LocalModelRunner:
             kv_cache_bytes=plan.num_blocks * per_block,
             kv_sizing=plan.reason,
             weight_bytes=held_bytes,
+            attention_backend=backend,
         )
         logger.info("loaded %s: %d parameters, %s, %.2fs", spec.model, info.num_parameters, spec.dtype, time.monotonic() - start)
         return info

@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallel.cpu_attention import attention_backend
 from parallel.host_memory import retain_freed_memory
 from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
@@ -43,6 +44,7 @@ class RankReport:
     parameter_bytes: int
     peak_rss_bytes: int
     load_seconds: float
+    attention_backend: str
 
 
 class _StageMPU:
@@ -129,6 +131,7 @@ class RankWorker:
         self._kv_shape = kv_shape(self._model)
         self._hidden_size = hf_config.hidden_size
         self._dtype = dtype
+        self._attention_name, self._attention = attention_backend(spec.attention_backend, spec.device, dtype)
         layers, kv_heads, head_dim = self._kv_shape
         import ray
 
@@ -142,6 +145,7 @@ class RankWorker:
             parameter_bytes=sum(p.numel() * p.element_size() for p in self._model.parameters()),
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             load_seconds=time.monotonic() - start,
+            attention_backend=self._attention_name,
         )
         if spec.device == "cpu":
             pack_linears(self._model)  # after counting: a packed weight is no parameter (parallel.packed_linear)
@@ -154,7 +158,7 @@ class RankWorker:
         if self._device != "cuda":
             return host_free_bytes()
         blocks = -(-max_num_batched_tokens // self._block_size)
-        self._paged = PagedCausalLM(self._model, self._pool(blocks))
+        self._paged = PagedCausalLM(self._model, self._pool(blocks), self._attention)
         step = StepInput([SequenceStep(0, [0] * max_num_batched_tokens, 0, list(range(blocks)), SamplingSpec())])
         try:
             return cuda_free_bytes_after(lambda: self._run_stage(step))
@@ -162,7 +166,7 @@ class RankWorker:
             self._paged = None
 
     def allocate_kv(self, num_blocks: int) -> None:
-        self._paged = PagedCausalLM(self._model, self._pool(num_blocks))
+        self._paged = PagedCausalLM(self._model, self._pool(num_blocks), self._attention)
 
     def _pool(self, num_blocks: int) -> PagedKVCache:
         layers, kv_heads, head_dim = self._kv_shape

@@ -24,6 +24,8 @@ class ModelSpec:
     trust_remote_code: bool
     max_model_len: int | None
     device: str
+    attention_backend: str = "auto"
+    """One of parallel.cpu_attention.BACKENDS."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,8 @@ class ModelInfo:
     """Memory held by the weights in this process (None where ranks hold them)."""
     hidden_size: int = 0
     """Width of the final hidden states (an embedding's length)."""
+    attention_backend: str = "gather_sdpa"
+    """The paged attention the forward runs with (parallel.cpu_attention)."""
 
 
 class ModelRunner(Protocol):

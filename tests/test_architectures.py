@@ -5,7 +5,8 @@ The models are small random-weight checkpoints built from real checkpoints' conf
 Mistral (sliding window 32), Qwen2.5 (q/k/v bias), Qwen3 (q/k norms, head_dim 32 with hidden 64),
 Gemma 3 (local/global layers, per-layer rotary, sandwich norms). Prompts are longer than every
 window and generation runs past it; each is checked with whole and chunked prefill and again with
-its blocks from the prefix cache, unsharded and sharded (tp=2 or pp=2; Gemma 3 both) over real rank actors.
+its blocks from the prefix cache, unsharded (with each CPU attention backend) and sharded (tp=2 or
+pp=2; Gemma 3 both) over real rank actors.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel.architectures import supported_names
+from parallel.cpu_attention import kernel_available
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import ModelLoadError, load_model_config
 from parallel.local_runner import LocalModelRunner
@@ -122,16 +124,17 @@ def engine_tokens(runner, info, max_num_batched_tokens: int) -> tuple[list[list[
     return asyncio.run(run())
 
 
-def spec_for(name: str) -> ModelSpec:
-    return ModelSpec(str(checkpoint(name)), None, "float32", False, None, "cpu")
+def spec_for(name: str, attention_backend: str = "auto") -> ModelSpec:
+    return ModelSpec(str(checkpoint(name)), None, "float32", False, None, "cpu", attention_backend)
 
 
-def check_matches_transformers(runner, name: str, budgets: tuple[int, ...]) -> None:
+def check_matches_transformers(runner, name: str, budgets: tuple[int, ...], attention_backend: str | None = None) -> None:
     """The runner's prefill logits and greedy tokens are transformers', for each step token
     budget (512: whole prompts; less: chunked prefill), fresh and from the prefix cache."""
     ref_logits, ref_tokens = reference(name)
     try:
         info = runner.load()
+        assert attention_backend is None or info.attention_backend == attention_backend
         logits = runner.logits(prefill_step())
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
         for budget in budgets:
@@ -142,9 +145,13 @@ def check_matches_transformers(runner, name: str, budgets: tuple[int, ...]) -> N
         runner.shutdown()
 
 
+@pytest.mark.parametrize("attention", ["cpu_paged", "gather_sdpa"])
 @pytest.mark.parametrize("name", SHAPES)
-def test_unsharded_forward_matches_transformers(name: str) -> None:
-    check_matches_transformers(LocalModelRunner(spec_for(name), KV), name, budgets=(512, 16))
+def test_unsharded_forward_matches_transformers(name: str, attention: str) -> None:
+    if attention == "cpu_paged" and not kernel_available():
+        pytest.skip("no C compiler here: the CPU paged kernel cannot be built")
+    runner = LocalModelRunner(spec_for(name, attention), KV)
+    check_matches_transformers(runner, name, budgets=(512, 16), attention_backend=attention)
 
 
 @pytest.mark.parametrize(("name", "tp", "pp"), SHARDED)
