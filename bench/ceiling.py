@@ -20,9 +20,11 @@ from parallel.local_runner import LocalModelRunner
 from parallel.runner import SamplingSpec
 
 
-def load_runner(model: str, max_model_len: int | None = None, threads: int | None = None) -> tuple[LocalModelRunner, object]:
+def load_runner(
+    model: str, max_model_len: int | None = None, threads: int | None = None, attention_backend: str = "auto"
+) -> tuple[LocalModelRunner, object]:
     """The runner a replica with default settings would have (with `threads` torch threads)."""
-    args = ShardserveArgs(model=model, max_model_len=max_model_len)
+    args = ShardserveArgs(model=model, max_model_len=max_model_len, attention_backend=attention_backend)
     runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
     return runner, runner.load()
 

@@ -2,6 +2,7 @@
 
     python -m bench.step_profile                    # bench model, decode batch 1 and 16, prefill 512
     python -m bench.step_profile --model PATH --top 25
+    python -m bench.step_profile --attention gather_sdpa    # the backend without the CPU kernel
 
 For each shape: the step split into its parts (building the step's index tensors, the paged
 forward, sampling), timed over repeated runs of the same step on the model thread, then the
@@ -19,6 +20,7 @@ import torch
 
 from bench.ceiling import load_runner
 from deployments.config import ShardserveArgs
+from parallel.cpu_attention import BACKENDS
 from parallel.local_runner import LocalModelRunner
 from parallel.paged_model import prepare
 from parallel.runner import SamplingSpec, SequenceStep, StepInput
@@ -85,11 +87,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--top", type=int, default=15, help="operators shown per table")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of the model (default: torch's)")
+    parser.add_argument("--attention", choices=BACKENDS, default="auto", help="attention_backend of the runner")
     args = parser.parse_args()
-    runner, info = load_runner(args.model, threads=args.threads)
+    runner, info = load_runner(args.model, threads=args.threads, attention_backend=args.attention)
     assert info.block_size == BLOCK_SIZE
     threads = runner.on_model_thread(torch.get_num_threads)
-    print(f"{args.model}: torch {torch.__version__}, {threads} threads, block size {BLOCK_SIZE}")
+    attention = info.attention_backend
+    print(f"{args.model}: torch {torch.__version__}, {threads} threads, block size {BLOCK_SIZE}, attention {attention}")
     try:
         for batch in (1, 16):
             step = decode_step(batch, args.context)
