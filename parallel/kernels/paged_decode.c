@@ -40,26 +40,24 @@ int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, f
         const int64_t *table = tables + i * width;
         const float *qi = q + (rows[i] * heads + g0 * group) * d;
         float *oi = out + (rows[i] * heads + g0 * group) * d;
-        float *scores = malloc(sizeof(float) * (size_t)(task_heads * (n + 2)));
-        if (scores == NULL) {
+        /* Per task: each context token's offset in the pool (walked block by block, the same
+         * for K and V), then the scores of every head, then their maxima and inverse sums. */
+        int64_t *offsets = malloc(sizeof(int64_t) * (size_t)n + sizeof(float) * (size_t)(task_heads * (n + 2)));
+        if (offsets == NULL) {
             failed = 1;
             continue;
         }
-        float *maxima = scores + task_heads * n, *inverse = maxima + task_heads;
+        float *scores = (float *)(offsets + n), *maxima = scores + task_heads * n, *inverse = maxima + task_heads;
+        for (int64_t pos = start, p = 0; pos < length; pos++, p++)
+            offsets[p] = (table[pos / block_size] * block_size + pos % block_size) * token_stride + g0 * d;
         for (int64_t h = 0; h < task_heads; h++) maxima[h] = -INFINITY;
-        /* Pass 1: scores, block by block (no division per token). */
-        for (int64_t pos = start, p = 0; pos < length;) {
-            const int64_t off = pos % block_size, count = (block_size - off < length - pos) ? block_size - off : length - pos;
-            const float *kb = k_pool + (table[pos / block_size] * block_size + off) * token_stride + g0 * d;
-            for (int64_t t = 0; t < count; t++, p++) {
-                const float *kt = kb + t * token_stride;
-                for (int64_t h = 0; h < task_heads; h++) {
-                    const float s = scale * dot(qi + h * d, kt + (h / group) * d, d);
-                    scores[h * n + p] = s;
-                    if (s > maxima[h]) maxima[h] = s;
-                }
+        for (int64_t p = 0; p < n; p++) {
+            const float *kt = k_pool + offsets[p];
+            for (int64_t h = 0; h < task_heads; h++) {
+                const float s = scale * dot(qi + h * d, kt + (h / group) * d, d);
+                scores[h * n + p] = s;
+                if (s > maxima[h]) maxima[h] = s;
             }
-            pos += count;
         }
         for (int64_t h = 0; h < task_heads; h++) {
             float sum = 0.0f;
@@ -71,23 +69,17 @@ int paged_decode_f32(const float *q, const float *k_pool, const float *v_pool, f
             inverse[h] = 1.0f / sum;
         }
         memset(oi, 0, sizeof(float) * (size_t)(task_heads * d));
-        /* Pass 2: the weighted values, in the same order. */
-        for (int64_t pos = start, p = 0; pos < length;) {
-            const int64_t off = pos % block_size, count = (block_size - off < length - pos) ? block_size - off : length - pos;
-            const float *vb = v_pool + (table[pos / block_size] * block_size + off) * token_stride + g0 * d;
-            for (int64_t t = 0; t < count; t++, p++) {
-                const float *vt = vb + t * token_stride;
-                for (int64_t h = 0; h < task_heads; h++) {
-                    const float w = scores[h * n + p] * inverse[h];
-                    const float *vh = vt + (h / group) * d;
-                    float *o = oi + h * d;
+        for (int64_t p = 0; p < n; p++) {
+            const float *vt = v_pool + offsets[p];
+            for (int64_t h = 0; h < task_heads; h++) {
+                const float w = scores[h * n + p] * inverse[h];
+                const float *vh = vt + (h / group) * d;
+                float *o = oi + h * d;
 #pragma omp simd
-                    for (int64_t j = 0; j < d; j++) o[j] += w * vh[j];
-                }
+                for (int64_t j = 0; j < d; j++) o[j] += w * vh[j];
             }
-            pos += count;
         }
-        free(scores);
+        free(offsets);
     }
     return failed ? -1 : 0;
 }
