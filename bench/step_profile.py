@@ -61,10 +61,10 @@ def profile(runner: LocalModelRunner, name: str, step: StepInput, repeats: int, 
     paged = runner.paged
 
     def parts() -> tuple[dict[str, float], str]:
-        batch = prepare(step, BLOCK_SIZE, "cpu")
+        batch = prepare(step, BLOCK_SIZE, "cpu", paged.one_decode_group)
         logits = paged.forward(batch)
         timings = {
-            "prepare_ms": median_ms(lambda: prepare(step, BLOCK_SIZE, "cpu"), repeats),
+            "prepare_ms": median_ms(lambda: prepare(step, BLOCK_SIZE, "cpu", paged.one_decode_group), repeats),
             "forward_ms": median_ms(lambda: paged.forward(batch), repeats),
             "sample_ms": median_ms(lambda: sample_step(logits, step), repeats),
         }

@@ -172,6 +172,9 @@ def cpu_paged(
     return out
 
 
+cpu_paged.reads_blocks_in_place = True  # type: ignore[attr-defined]  # one decode group per step (paged_model.prepare)
+
+
 def attention_backend(name: str, device: str, dtype: torch.dtype) -> tuple[str, PagedAttention]:
     """(the backend's name, the function) for `name` (one of BACKENDS) on this device and dtype.
 

@@ -86,7 +86,9 @@ class PreparedBatch:
     embed_rows: torch.Tensor  # [E] flat rows whose final hidden states are the step's embeddings
 
 
-def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
+def prepare(step: StepInput, block_size: int, device: str, one_decode_group: bool = False) -> PreparedBatch:
+    """`one_decode_group`: every decode token in one group, for a backend that reads the blocks
+    in place (no padding to bound, and its threads balance over all the sequences at once)."""
     ids: list[int] = []
     positions: list[int] = []
     slot_parts: list[torch.Tensor] = []
@@ -119,7 +121,8 @@ def prepare(step: StepInput, block_size: int, device: str) -> PreparedBatch:
         if seq.embed:
             embed_rows.append(row + n - 1)
     groups = []
-    for members in bucket_by_length(decode_lens):
+    buckets = [list(range(len(decode_lens)))] if one_decode_group and decode_lens else bucket_by_length(decode_lens)
+    for members in buckets:
         width = max(len(decode_tables[i]) for i in members)
         tables = torch.zeros((len(members), width), dtype=torch.long)
         for k, i in enumerate(members):
@@ -166,6 +169,8 @@ class PagedCausalLM:
         self.model = model
         self.cache = cache
         self.attention = attention
+        self.one_decode_group: bool = getattr(attention, "reads_blocks_in_place", False)
+        """What `prepare` should be told for this backend."""
         config = model.config
         self.arch = architecture_of(config)
         self.layers = list(model.model.layers)

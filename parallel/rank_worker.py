@@ -198,7 +198,7 @@ class RankWorker:
         """Receive from the previous stage, run this stage, send on; logits on the last stage."""
         assert self._paged is not None and self._placement is not None, "setup() first"
         placement, tp = self._placement, self._layout.tensor_parallel_size
-        batch = prepare(step_input, self._block_size, self._device)
+        batch = prepare(step_input, self._block_size, self._device, self._paged.one_decode_group)
         hidden = None
         if not placement.is_first_stage:
             hidden = torch.empty((batch.input_ids.numel(), self._hidden_size), dtype=self._dtype, device=self._device)

@@ -115,3 +115,30 @@ def test_the_kernel_is_built_once_per_cache(tmp_path: Path) -> None:
 def test_cpu_paged_is_refused_where_it_cannot_run() -> None:
     with pytest.raises(ValidationError, match="attention_backend cpu_paged runs on device cpu in float32"):
         ShardserveArgs(attention_backend="cpu_paged", dtype="bfloat16")
+
+
+@needs_kernel
+def test_one_decode_group_in_place_matches_the_padded_buckets() -> None:
+    """The kernel's backend asks prepare() for one group of every decode token (nothing to pad);
+    its rows are those gather_sdpa computes over length buckets."""
+    from parallel.paged_model import prepare
+    from parallel.runner import SamplingSpec, SequenceStep, StepInput
+
+    assert getattr(cpu_paged, "reads_blocks_in_place", False)
+    g = torch.Generator().manual_seed(2)
+    contexts = [5, 300, 17, 64, 250, 33, 700, 90]
+    seqs, used = [], 0
+    for i, ctx in enumerate(contexts):
+        n = -(-(ctx + 1) // BLOCK)
+        seqs.append(SequenceStep(i, [11], ctx, list(range(used, used + n)), SamplingSpec()))
+        used += n
+    step = StepInput(seqs)
+    padded, one = prepare(step, BLOCK, "cpu"), prepare(step, BLOCK, "cpu", one_decode_group=True)
+    assert len(padded.decode_groups) > 1 and len(one.decode_groups) == 1
+    heads, kv_heads, d = 8, 4, 32
+    k_blocks = torch.randn(NUM_BLOCKS, BLOCK, kv_heads, d, generator=g)
+    v_blocks = torch.randn(NUM_BLOCKS, BLOCK, kv_heads, d, generator=g)
+    q = torch.randn(len(contexts), heads, d, generator=g)
+    expected = gather_sdpa(q, q, q, k_blocks, v_blocks, padded.decode_groups, [], 64, d**-0.5)
+    got = cpu_paged(q, q, q, k_blocks, v_blocks, one.decode_groups, [], 64, d**-0.5)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
