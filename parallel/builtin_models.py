@@ -110,10 +110,15 @@ def is_builtin(model: str) -> bool:
     return model in BUILTIN_MODELS or model in SHIPPED_MODELS
 
 
+def cache_root() -> Path:
+    """What shardserve keeps on disk (generated models, built kernels): `SHARDSERVE_CACHE`, or
+    `~/.cache/shardserve`."""
+    return Path(os.environ.get("SHARDSERVE_CACHE") or Path.home() / ".cache" / "shardserve")
+
+
 def default_cache_dir() -> Path:
-    """Where generated models live; `SHARDSERVE_CACHE` overrides `~/.cache/shardserve`."""
-    root = os.environ.get("SHARDSERVE_CACHE") or Path.home() / ".cache" / "shardserve"
-    return Path(root) / "models"
+    """Where generated models live."""
+    return cache_root() / "models"
 
 
 def ensure_builtin_model(name: str, cache_dir: Path | None = None) -> Path:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from parallel.attention import DecodeGroup, PagedAttention, Prefill, attend_prefills, gather_sdpa
+from parallel.builtin_models import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ class KernelUnavailable(RuntimeError):
 
 
 def kernel_cache_dir() -> Path:
-    root = os.environ.get("SHARDSERVE_CACHE") or Path.home() / ".cache" / "shardserve"
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -88,6 +88,8 @@ def _build(compiler: str) -> Path:
 def load_kernel() -> ctypes.CDLL:
     """The kernel library, built and loaded once per process; KernelUnavailable if it cannot be."""
     global _library, _build_error
+    if _library is not None:  # every decode call of every layer comes here: no lock once loaded
+        return _library
     with _lock:
         if _library is None and _build_error is None:
             try:
