@@ -22,7 +22,6 @@ from bench.ceiling import load_runner
 from deployments.config import ShardserveArgs
 from parallel.cpu_attention import BACKENDS
 from parallel.local_runner import LocalModelRunner
-from parallel.paged_model import prepare
 from parallel.runner import SamplingSpec, SequenceStep, StepInput
 from parallel.sampling import sample_step
 
@@ -61,10 +60,10 @@ def profile(runner: LocalModelRunner, name: str, step: StepInput, repeats: int, 
     paged = runner.paged
 
     def parts() -> tuple[dict[str, float], str]:
-        batch = prepare(step, BLOCK_SIZE, "cpu", paged.one_decode_group)
+        batch = paged.prepare(step)
         logits = paged.forward(batch)
         timings = {
-            "prepare_ms": median_ms(lambda: prepare(step, BLOCK_SIZE, "cpu", paged.one_decode_group), repeats),
+            "prepare_ms": median_ms(lambda: paged.prepare(step), repeats),
             "forward_ms": median_ms(lambda: paged.forward(batch), repeats),
             "sample_ms": median_ms(lambda: sample_step(logits, step), repeats),
         }

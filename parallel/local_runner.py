@@ -27,7 +27,7 @@ from parallel.loading import (
     load_model_config,
 )
 from parallel.packed_linear import pack_linears
-from parallel.paged_model import PagedCausalLM, PagedKVCache, PreparedBatch, kv_shape, prepare
+from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
 from parallel.validation import weight_bytes
@@ -97,7 +97,7 @@ class LocalModelRunner:
 
     def logits(self, step_input: StepInput) -> torch.Tensor:
         """Logits rows a step would sample from (tests compare sharded runners against these)."""
-        return self.on_model_thread(lambda: self._paged.forward(self._prepare(step_input)))
+        return self.on_model_thread(lambda: self._paged.forward(self._paged.prepare(step_input)))
 
     def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn on the model thread (benchmarks time raw forwards there, like the steps)."""
@@ -163,19 +163,16 @@ class LocalModelRunner:
         def profile() -> None:
             scratch = PagedKVCache(layers, blocks, kv.block_size, kv_heads, head_dim, dtype, self._spec.device)
             step = StepInput([SequenceStep(0, [0] * tokens, 0, list(range(blocks)), SamplingSpec())])
-            PagedCausalLM(model, scratch).forward(prepare(step, kv.block_size, self._spec.device))
+            paged = PagedCausalLM(model, scratch)
+            paged.forward(paged.prepare(step))
 
         return cuda_free_bytes_after(profile)
 
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"
-        batch = self._prepare(step_input)
+        batch = self._paged.prepare(step_input)
         out = self._paged.forward_outputs(batch)
         return sample_step(out.values, step_input, out.pooled)
-
-    def _prepare(self, step_input: StepInput) -> PreparedBatch:
-        assert self._paged is not None, "load() first"
-        return prepare(step_input, self._kv.block_size, self._spec.device, self._paged.one_decode_group)
 
     def health(self) -> None:
         if self._paged is None:

@@ -86,7 +86,7 @@ class PreparedBatch:
     embed_rows: torch.Tensor  # [E] flat rows whose final hidden states are the step's embeddings
 
 
-def prepare(step: StepInput, block_size: int, device: str, one_decode_group: bool = False) -> PreparedBatch:
+def prepare(step: StepInput, block_size: int, device: str | torch.device, one_decode_group: bool = False) -> PreparedBatch:
     """`one_decode_group`: every decode token in one group, for a backend that reads the blocks
     in place (no padding to bound, and its threads balance over all the sequences at once)."""
     ids: list[int] = []
@@ -170,7 +170,7 @@ class PagedCausalLM:
         self.cache = cache
         self.attention = attention
         self.one_decode_group: bool = getattr(attention, "reads_blocks_in_place", False)
-        """What `prepare` should be told for this backend."""
+        """What `prepare` is told for this backend."""
         config = model.config
         self.arch = architecture_of(config)
         self.layers = list(model.model.layers)
@@ -179,6 +179,10 @@ class PagedCausalLM:
         self.windows = [layer_window(config, i) for i in indices]
         self.rope_keys = [layer_type(config, i) if self.arch.rope_per_layer_type else None for i in indices]
         self.logit_softcap: float | None = getattr(config, "final_logit_softcapping", None)
+
+    def prepare(self, step: StepInput) -> PreparedBatch:
+        """The step's index tensors for this pool (its block size and device) and backend."""
+        return prepare(step, self.cache.block_size, self.cache.k.device, self.one_decode_group)
 
     def forward(self, batch: PreparedBatch, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Logits rows to sample from on the last stage; hidden states [T, H] otherwise."""

@@ -25,7 +25,7 @@ from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.loading import DTYPES, load_model_config
 from parallel.packed_linear import pack_linears
-from parallel.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape, prepare
+from parallel.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.sampling import sample_step
@@ -198,7 +198,7 @@ class RankWorker:
         """Receive from the previous stage, run this stage, send on; logits on the last stage."""
         assert self._paged is not None and self._placement is not None, "setup() first"
         placement, tp = self._placement, self._layout.tensor_parallel_size
-        batch = prepare(step_input, self._block_size, self._device, self._paged.one_decode_group)
+        batch = self._paged.prepare(step_input)
         hidden = None
         if not placement.is_first_stage:
             hidden = torch.empty((batch.input_ids.numel(), self._hidden_size), dtype=self._dtype, device=self._device)
