@@ -55,8 +55,8 @@ def free_port() -> int:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on: sessions of this project land on different VM types
-    (an AVX2 EPYC decodes the bench model 2-3x slower than one with AVX-512), and a ratio is
-    only comparable with ratios from the same kind of machine."""
+    (the AVX2 EPYC of 2026-12-04 decoded the bench model 2-3x slower than the VM of the day
+    before), and a ratio is only comparable with ratios from the same kind of machine."""
     info: dict[str, Any] = {"cores": os.cpu_count(), "cpu": "unknown", "isa": []}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
