@@ -314,6 +314,12 @@ class ShardserveArgs(StrictModel):
     scaled_dot_product_attention (any device and dtype). auto: cpu_paged where it applies and
     builds, else gather_sdpa."""
 
+    cpu_fused_ops: bool = True
+    """Run each layer's norms and residual adds, rotary embedding and K/V write, and SiLU gate
+    as fused C kernels (built like cpu_paged's) where the model's layers are what they compute:
+    float32 on CPU, Llama-style pre-norm layers with a SiLU-gated MLP (Llama, Mistral, Qwen2,
+    Qwen3). Off: torch's eager operators, as transformers runs them."""
+
     trust_remote_code: bool = False
     """Allow model code shipped inside the checkpoint to run. Off: it executes arbitrary code."""
 
@@ -433,6 +439,7 @@ class ShardserveArgs(StrictModel):
             max_model_len=self.max_model_len,
             device=self.device,
             attention_backend=self.attention_backend,
+            fused_ops=self.cpu_fused_ops,
         )
 
 

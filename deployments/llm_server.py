@@ -395,7 +395,7 @@ def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:
     pool_tokens = info.num_kv_blocks * info.block_size
     logger.info(
         "context: model window %d tokens, KV pool %d blocks x %d = %d tokens (%.0f MiB; %s) -> max_model_len %d, "
-        "max concurrency at full context %.2fx; EOS ids %s; sampling defaults %s; attention %s",
+        "max concurrency at full context %.2fx; EOS ids %s; sampling defaults %s; attention %s; layers %s",
         info.model_window,
         info.num_kv_blocks,
         info.block_size,
@@ -407,6 +407,7 @@ def _log_context(info: ModelInfo, defaults: SamplingDefaults) -> None:
         list(info.eos_token_ids),
         defaults.model_dump(exclude_defaults=True) or "none",
         info.attention_backend,
+        "fused" if info.fused_ops else "eager",
     )
 
 

@@ -6,114 +6,37 @@ quarter of a decode step (`python -m bench.step_profile`). `kernels/paged_decode
 sequence's keys and values once, through its block table, for all the query heads of a KV head.
 Prefill chunks keep SDPA (they are compute-bound, where its fused kernel is good).
 
-The kernel is built on first use with the machine's C compiler (`cc`, or `$CC`) and OpenMP, for
-this CPU (`-march=native`), and cached under `$SHARDSERVE_CACHE/kernels` keyed by the source,
-the flags, the compiler and the CPU's feature flags; a shared home on a mixed cluster gets one
-build per CPU kind. It has no torch headers, so it builds in a second; ctypes calls it with
-the tensors' data pointers (and releases the GIL for the call). Without a compiler, `auto`
-falls back to `gather_sdpa` and says so once in the log.
+The kernel is built on first use (`parallel.cpu_kernels`). Without a compiler, `auto` falls back
+to `gather_sdpa` and says so once in the log.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
 from parallel.attention import DecodeGroup, PagedAttention, Prefill, attend_prefills, gather_sdpa
-from parallel.builtin_models import cache_root
+from parallel.cpu_kernels import KernelLibrary, KernelUnavailable
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "kernels" / "paged_decode.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 BACKENDS = ("auto", "cpu_paged", "gather_sdpa")
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_build_error: str | None = None
-
-
-class KernelUnavailable(RuntimeError):
-    """The C kernel could not be built or loaded here (no compiler, or it failed)."""
-
-
-def kernel_cache_dir() -> Path:
-    return cache_root() / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(compiler: str) -> Path:
-    """The cached shared library for this source, compiler and CPU, compiled if missing (to a
-    temporary name, then renamed: ranks that start together never load a half-written file)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = kernel_cache_dir() / f"paged_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if result.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    logger.info("built the CPU paged-attention kernel: %s", target)
-    return target
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+PAGED_DECODE = KernelLibrary(
+    "paged_decode", {"paged_decode_f32": ([_ptr] * 7 + [_i64] * 7 + [ctypes.c_float, _i64], ctypes.c_int)}
+)
 
 
 def load_kernel() -> ctypes.CDLL:
     """The kernel library, built and loaded once per process; KernelUnavailable if it cannot be."""
-    global _library, _build_error
-    if _library is not None:  # every decode call of every layer comes here: no lock once loaded
-        return _library
-    with _lock:
-        if _library is None and _build_error is None:
-            try:
-                compiler = _compiler()
-                if compiler is None:
-                    raise KernelUnavailable("no C compiler (cc, gcc or $CC) on PATH")
-                library = ctypes.CDLL(str(_build(compiler)))
-                fn = library.paged_decode_f32
-                fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int64]
-                fn.restype = ctypes.c_int
-                _library = library
-            except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
-                _build_error = str(exc)
-        if _library is None:
-            raise KernelUnavailable(_build_error)
-        return _library
+    return PAGED_DECODE.load()
 
 
 def kernel_available() -> bool:
-    try:
-        load_kernel()
-    except KernelUnavailable:
-        return False
-    return True
+    return PAGED_DECODE.available()
 
 
 def paged_decode(

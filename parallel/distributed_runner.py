@@ -111,6 +111,7 @@ class DistributedModelRunner:
             kv_cache_bytes=plan.num_blocks * sum(r.kv_bytes_per_block for r in self.reports),
             kv_sizing=plan.reason,
             attention_backend=self.reports[0].attention_backend,
+            fused_ops=self.reports[0].fused_ops,
         )
 
     def step(self, step_input: StepInput) -> StepOutput:

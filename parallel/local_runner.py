@@ -13,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from parallel.architectures import architecture_of
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
 from parallel.cpu_attention import attention_backend
+from parallel.fused_layers import fused_layer_ops
 from parallel.host_memory import retain_freed_memory
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
@@ -131,7 +133,8 @@ class LocalModelRunner:
         plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
         cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
         backend, attention = attention_backend(spec.attention_backend, spec.device, dtype)
-        self._paged = PagedCausalLM(model, cache, attention)
+        fused = fused_layer_ops(model, architecture_of(hf_config), spec.fused_ops)
+        self._paged = PagedCausalLM(model, cache, attention, fused)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,
             hidden_size=hf_config.hidden_size,
@@ -146,6 +149,7 @@ class LocalModelRunner:
             kv_sizing=plan.reason,
             weight_bytes=held_bytes,
             attention_backend=backend,
+            fused_ops=fused is not None,
         )
         logger.info("loaded %s: %d parameters, %s, %.2fs", spec.model, info.num_parameters, spec.dtype, time.monotonic() - start)
         return info

@@ -20,6 +20,7 @@ import torch
 
 from parallel.architectures import architecture_of, layer_type, layer_window
 from parallel.attention import DecodeGroup, PagedAttention, Prefill, bucket_by_length, gather_sdpa
+from parallel.fused_layers import FusedLayerOps
 from parallel.runner import StepInput
 
 
@@ -162,13 +163,22 @@ class PagedCausalLM:
     last the final norm and LM head (absent modules are None). The KV pool covers the layers
     held here, and the heads held here when AutoTP has sharded the projections. Each layer's
     window and rotary table come from its index in the whole model (`self_attn.layer_idx`), so
-    a stage of Gemma 3 knows which of its layers are local.
+    a stage of Gemma 3 knows which of its layers are local. With `fused` (parallel.fused_layers,
+    for the models it applies to) the layers' norms, residual adds, rotary embedding, K/V write
+    and SiLU gate run as C kernels; the linear layers and attention are the same modules either way.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, attention: PagedAttention = gather_sdpa) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: PagedKVCache,
+        attention: PagedAttention = gather_sdpa,
+        fused: FusedLayerOps | None = None,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.attention = attention
+        self.fused = fused
         self.one_decode_group: bool = getattr(attention, "reads_blocks_in_place", False)
         """What `prepare` is told for this backend."""
         config = model.config
@@ -205,6 +215,24 @@ class PagedCausalLM:
             args = (hidden, batch.positions[None, :]) if key is None else (hidden, batch.positions[None, :], key)
             cos, sin = inner.rotary_emb(*args)
             rotary[key] = (cos[0], sin[0])  # [T, d]
+        if self.fused is not None:
+            hidden = self._fused_layers(hidden if inner.embed_tokens is not None else hidden.clone(), rotary, batch)
+        else:
+            hidden = self._layers(hidden, rotary, batch)
+        if self.model.lm_head is None:
+            return StageOutput(hidden)
+        last = self._final_norm(hidden[batch.logit_rows])
+        logits = self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        pooled = self._final_norm(hidden[batch.embed_rows]) if batch.embed_rows.numel() else None
+        return StageOutput(logits, pooled)
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.model.model.norm
+        return norm(hidden) if self.fused is None else self.fused.rms_norm(norm, hidden)
+
+    def _layers(self, hidden: torch.Tensor, rotary: dict, batch: PreparedBatch) -> torch.Tensor:
         sandwich = self.arch.layer == "sandwich"
         for layer_idx, layer in enumerate(self.layers):
             cos, sin = rotary[self.rope_keys[layer_idx]]
@@ -216,14 +244,24 @@ class PagedCausalLM:
             else:
                 hidden = hidden + attn_out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        if self.model.lm_head is None:
-            return StageOutput(hidden)
-        last = inner.norm(hidden[batch.logit_rows])
-        logits = self.model.lm_head(last.unsqueeze(0))[0]  # 3-D in: AutoTP's sharded head slices dim 2
-        if self.logit_softcap:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        pooled = inner.norm(hidden[batch.embed_rows]) if batch.embed_rows.numel() else None
-        return StageOutput(logits, pooled)
+        return hidden
+
+    def _fused_layers(self, residual: torch.Tensor, rotary: dict, batch: PreparedBatch) -> torch.Tensor:
+        """The pre-norm layers with each residual add folded into the next norm's pass: the
+        residual stream is updated in place (`residual` must be this forward's own tensor)."""
+        ops = self.fused
+        assert ops is not None
+        mlp_out: torch.Tensor | None = None
+        for layer_idx, layer in enumerate(self.layers):
+            cos, sin = rotary[self.rope_keys[layer_idx]]
+            if mlp_out is None:
+                x = ops.rms_norm(layer.input_layernorm, residual)
+            else:
+                x = ops.rms_norm(layer.input_layernorm, mlp_out, residual)
+            attn_out = layer.self_attn.o_proj(self._attention(layer.self_attn, layer_idx, x, cos, sin, batch))
+            x = ops.rms_norm(layer.post_attention_layernorm, attn_out, residual)
+            mlp_out = ops.gated_mlp(layer.mlp, x)
+        return residual if mlp_out is None else residual.add_(mlp_out)
 
     def _attention(
         self,
@@ -236,16 +274,22 @@ class PagedCausalLM:
     ) -> torch.Tensor:
         d = self.head_dim
         tokens = x.shape[0]
-        q = attn.q_proj(x).view(tokens, -1, d)
-        k = attn.k_proj(x).view(tokens, -1, d)
-        v = attn.v_proj(x).view(tokens, -1, d)
-        if self.arch.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary(q, k, cos, sin)
         k_blocks, v_blocks = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [NB, bs, kvh, d]
-        kv_heads = k_blocks.shape[2]
-        k_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, k)
-        v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if self.fused is not None:
+            if self.arch.qk_norm:
+                q = self.fused.rms_norm(attn.q_norm, q.view(-1, d)).view(tokens, -1)
+                k = self.fused.rms_norm(attn.k_norm, k.reshape(-1, d)).view(tokens, -1)
+            q, k = self.fused.rotary_and_write(q, k, v, cos, sin, batch.slots, k_blocks, v_blocks, d)
+            v = v.view(tokens, -1, d)
+        else:
+            q, k, v = q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
+            if self.arch.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary(q, k, cos, sin)
+            kv_heads = k_blocks.shape[2]
+            k_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, k)
+            v_blocks.view(-1, kv_heads, d).index_copy_(0, batch.slots, v)
         window = self.windows[layer_idx]
         out = self.attention(q, k, v, k_blocks, v_blocks, batch.decode_groups, batch.prefills, window, attn.scaling)
         return out.reshape(tokens, -1)

@@ -19,7 +19,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallel.architectures import architecture_of
 from parallel.cpu_attention import attention_backend
+from parallel.fused_layers import fused_layer_ops
 from parallel.host_memory import retain_freed_memory
 from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
@@ -45,6 +47,7 @@ class RankReport:
     peak_rss_bytes: int
     load_seconds: float
     attention_backend: str
+    fused_ops: bool
 
 
 class _StageMPU:
@@ -132,6 +135,7 @@ class RankWorker:
         self._hidden_size = hf_config.hidden_size
         self._dtype = dtype
         self._attention_name, self._attention = attention_backend(spec.attention_backend, spec.device, dtype)
+        self._fused = fused_layer_ops(self._model, architecture_of(hf_config), spec.fused_ops)
         layers, kv_heads, head_dim = self._kv_shape
         import ray
 
@@ -146,6 +150,7 @@ class RankWorker:
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             load_seconds=time.monotonic() - start,
             attention_backend=self._attention_name,
+            fused_ops=self._fused is not None,
         )
         if spec.device == "cpu":
             pack_linears(self._model)  # after counting: a packed weight is no parameter (parallel.packed_linear)
@@ -158,7 +163,7 @@ class RankWorker:
         if self._device != "cuda":
             return host_free_bytes()
         blocks = -(-max_num_batched_tokens // self._block_size)
-        self._paged = PagedCausalLM(self._model, self._pool(blocks), self._attention)
+        self._paged = PagedCausalLM(self._model, self._pool(blocks), self._attention, self._fused)
         step = StepInput([SequenceStep(0, [0] * max_num_batched_tokens, 0, list(range(blocks)), SamplingSpec())])
         try:
             return cuda_free_bytes_after(lambda: self._run_stage(step))
@@ -166,7 +171,7 @@ class RankWorker:
             self._paged = None
 
     def allocate_kv(self, num_blocks: int) -> None:
-        self._paged = PagedCausalLM(self._model, self._pool(num_blocks), self._attention)
+        self._paged = PagedCausalLM(self._model, self._pool(num_blocks), self._attention, self._fused)
 
     def _pool(self, num_blocks: int) -> PagedKVCache:
         layers, kv_heads, head_dim = self._kv_shape

@@ -26,6 +26,8 @@ class ModelSpec:
     device: str
     attention_backend: str = "auto"
     """One of parallel.cpu_attention.BACKENDS."""
+    fused_ops: bool = True
+    """A layer's element-wise steps through parallel.fused_layers where they apply."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ class ModelInfo:
     """Width of the final hidden states (an embedding's length)."""
     attention_backend: str = "gather_sdpa"
     """The paged attention the forward runs with (parallel.cpu_attention)."""
+    fused_ops: bool = False
+    """Whether the layers' element-wise steps run as parallel.fused_layers' kernels."""
 
 
 class ModelRunner(Protocol):

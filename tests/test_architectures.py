@@ -5,8 +5,8 @@ The models are small random-weight checkpoints built from real checkpoints' conf
 Mistral (sliding window 32), Qwen2.5 (q/k/v bias), Qwen3 (q/k norms, head_dim 32 with hidden 64),
 Gemma 3 (local/global layers, per-layer rotary, sandwich norms). Prompts are longer than every
 window and generation runs past it; each is checked with whole and chunked prefill and again with
-its blocks from the prefix cache, unsharded (with each CPU attention backend) and sharded (tp=2 or
-pp=2; Gemma 3 both) over real rank actors.
+its blocks from the prefix cache, unsharded (with each CPU attention backend, and with the layers'
+fused kernels and without) and sharded (tp=2 or pp=2; Gemma 3 both) over real rank actors.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from deployments.engine.engine import LLMEngine
 from parallel.architectures import supported_names
 from parallel.cpu_attention import kernel_available
 from parallel.distributed_runner import DistributedModelRunner
+from parallel.fused_layers import LAYER_OPS
 from parallel.loading import ModelLoadError, load_model_config
 from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
@@ -124,17 +125,25 @@ def engine_tokens(runner, info, max_num_batched_tokens: int) -> tuple[list[list[
     return asyncio.run(run())
 
 
-def spec_for(name: str, attention_backend: str = "auto") -> ModelSpec:
-    return ModelSpec(str(checkpoint(name)), None, "float32", False, None, "cpu", attention_backend)
+def spec_for(name: str, attention_backend: str = "auto", fused_ops: bool = True) -> ModelSpec:
+    return ModelSpec(str(checkpoint(name)), None, "float32", False, None, "cpu", attention_backend, fused_ops)
 
 
-def check_matches_transformers(runner, name: str, budgets: tuple[int, ...], attention_backend: str | None = None) -> None:
+def fusable(name: str) -> bool:
+    """Whether parallel.fused_layers applies to the shape (all but Gemma 3's sandwich layers)."""
+    return not name.startswith("gemma")
+
+
+def check_matches_transformers(
+    runner, name: str, budgets: tuple[int, ...], attention_backend: str | None = None, fused_ops: bool = True
+) -> None:
     """The runner's prefill logits and greedy tokens are transformers', for each step token
     budget (512: whole prompts; less: chunked prefill), fresh and from the prefix cache."""
     ref_logits, ref_tokens = reference(name)
     try:
         info = runner.load()
         assert attention_backend is None or info.attention_backend == attention_backend
+        assert info.fused_ops == (fused_ops and fusable(name) and LAYER_OPS.available())
         logits = runner.logits(prefill_step())
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
         for budget in budgets:
@@ -145,13 +154,19 @@ def check_matches_transformers(runner, name: str, budgets: tuple[int, ...], atte
         runner.shutdown()
 
 
-@pytest.mark.parametrize("attention", ["cpu_paged", "gather_sdpa"])
+@pytest.mark.parametrize(
+    ("attention", "fused_ops"),
+    [("cpu_paged", True), ("gather_sdpa", True), ("cpu_paged", False)],
+    ids=["kernels", "sdpa", "eager-layers"],
+)
 @pytest.mark.parametrize("name", SHAPES)
-def test_unsharded_forward_matches_transformers(name: str, attention: str) -> None:
+def test_unsharded_forward_matches_transformers(name: str, attention: str, fused_ops: bool) -> None:
     if attention == "cpu_paged" and not kernel_available():
-        pytest.skip("no C compiler here: the CPU paged kernel cannot be built")
-    runner = LocalModelRunner(spec_for(name, attention), KV)
-    check_matches_transformers(runner, name, budgets=(512, 16), attention_backend=attention)
+        pytest.skip("no C compiler here: the CPU kernels cannot be built")
+    if not fused_ops and not fusable(name):
+        pytest.skip("eager either way: the fused layers do not apply to this shape")
+    runner = LocalModelRunner(spec_for(name, attention, fused_ops), KV)
+    check_matches_transformers(runner, name, budgets=(512, 16), attention_backend=attention, fused_ops=fused_ops)
 
 
 @pytest.mark.parametrize(("name", "tp", "pp"), SHARDED)

@@ -4,7 +4,7 @@
  * start is length - window for a sliding-window layer, else 0. Each (sequence, KV head) task
  * reads every key and value of its context once for all the query heads that share that KV
  * head (GQA), so the pool is read once per layer instead of gathered into a padded copy and
- * read again. Compiled on first use by parallel/cpu_attention.py with the machine's C
+ * read again. Compiled on first use by parallel/cpu_kernels.py with the machine's C
  * compiler and OpenMP; in a process that has imported torch, `libgomp.so.1` resolves to the
  * one torch loaded, so these loops run on torch's own OpenMP threads.
  */
