@@ -26,7 +26,7 @@ BACKENDS = ("auto", "cpu_paged", "gather_sdpa")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 PAGED_DECODE = KernelLibrary(
-    "paged_decode", {"paged_decode_f32": ([_ptr] * 7 + [_i64] * 7 + [ctypes.c_float, _i64], ctypes.c_int)}
+    "paged_decode", {"paged_decode_f32": ([_ptr] * 7 + [_i64] * 7 + [ctypes.c_float], ctypes.c_int)}
 )
 
 
@@ -52,8 +52,6 @@ def paged_decode(
     num_seqs, width = group.blocks.shape
     heads, d = q.shape[1], q.shape[2]
     block_size, kv_heads = k_blocks.shape[1], k_blocks.shape[2]
-    # Whole token rows per task when the sequences go round the threads; else split the heads.
-    task_kv_heads = kv_heads if num_seqs >= 2 * torch.get_num_threads() else 1
     status = load_kernel().paged_decode_f32(
         q.data_ptr(),
         k_blocks.data_ptr(),
@@ -70,7 +68,6 @@ def paged_decode(
         block_size,
         window or 0,
         scale,
-        task_kv_heads,
     )
     if status != 0:
         raise MemoryError("the paged decode kernel could not allocate its score buffer")

@@ -1,6 +1,6 @@
 """The CPU paged decode kernel (parallel/cpu_attention.py) against gather_sdpa, the backend every
 device has: GQA and MHA, sliding windows, contexts that end on and just past block boundaries,
-blocks shared between sequences, both ways of splitting the work over threads. Then what a
+blocks shared between sequences, whole contexts per task and contexts split into parts. Then what a
 machine without a C compiler gets. No Ray: model side."""
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def decode_group(lengths: list[int], rows: list[int], generator: torch.Generator
 
 
 CASES = {
-    "gqa, one sequence (heads split over tasks)": (8, 4, [300], None, 0),
+    "gqa, one sequence (its context split over tasks)": (8, 4, [300], None, 0),
+    "one long context, split, through a window": (8, 4, [2000], 700, 0),
+    "one context shorter than a part (the rest empty)": (8, 2, [5], None, 0),
+    "two contexts of unequal lengths, split": (8, 4, [40, 1000], None, 0),
     "gqa, block edges": (8, 4, [1, 15, 16, 17, 32, 33, 200, 511], None, 0),
     "mha, many sequences (whole rows per task)": (4, 4, [40 + 7 * i for i in range(20)], None, 0),
     "gqa 4:1, sliding window": (8, 2, [10, 31, 32, 33, 100, 700], 32, 0),
