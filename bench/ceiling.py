@@ -1,7 +1,9 @@
 """In-process measurements with no server: the engine's decode rate against the raw model.
 
 `raw_decode_tokens_per_s` is the ceiling: the HF model's own forward with its KV cache, batch B,
-one token per sequence per call, nothing else. `engine_decode_tokens_per_s` drives shardserve's
+one token per sequence per call, nothing else (on a runner loaded with `fused_ops=False`, whose
+model keeps its own q/k/v and gate/up layers: a fused model's parts each compute the whole
+fused layer when transformers calls them one by one). `engine_decode_tokens_per_s` drives shardserve's
 engine (scheduler, block manager, paged forward, sampling) with B sequences of the same shape and
 times the same decode steps. `prefill_seconds` is one bare forward over a prompt (for TTFT).
 """
@@ -21,10 +23,16 @@ from parallel.runner import SamplingSpec
 
 
 def load_runner(
-    model: str, max_model_len: int | None = None, threads: int | None = None, attention_backend: str = "auto"
+    model: str,
+    max_model_len: int | None = None,
+    threads: int | None = None,
+    attention_backend: str = "auto",
+    fused_ops: bool = True,
 ) -> tuple[LocalModelRunner, object]:
     """The runner a replica with default settings would have (with `threads` torch threads)."""
-    args = ShardserveArgs(model=model, max_model_len=max_model_len, attention_backend=attention_backend)
+    args = ShardserveArgs(
+        model=model, max_model_len=max_model_len, attention_backend=attention_backend, cpu_fused_ops=fused_ops
+    )
     runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
     return runner, runner.load()
 

@@ -396,12 +396,14 @@ def ceiling(model: str, quick: bool) -> dict[str, float]:
     from bench.ceiling import engine_decode_tokens_per_s, load_runner, raw_decode_tokens_per_s
 
     runner, info = load_runner(model)
+    plain, _ = load_runner(model, fused_ops=False)  # transformers' forward over the model's own layers
     steps = 16 if quick else 64
     raw, eng = [], []
     for _ in range(1 if quick else 3):  # interleaved, best of: machine noise hits both alike
-        raw.append(runner.on_model_thread(raw_decode_tokens_per_s, runner.model, 16, 64, steps))
+        raw.append(plain.on_model_thread(raw_decode_tokens_per_s, plain.model, 16, 64, steps))
         eng.append(engine_decode_tokens_per_s(runner, info, 16, 64, steps))
     runner.shutdown()
+    plain.shutdown()
     return {"batch": 16, "raw_tokens_per_s": max(raw), "engine_tokens_per_s": max(eng), "ratio": max(eng) / max(raw)}
 
 
@@ -411,7 +413,7 @@ def bare_prefill(model: str, reqs) -> dict[str, float]:
     from bench.ceiling import load_runner, prefill_seconds
     from parallel.loading import resolve_model_dir
 
-    runner, _ = load_runner(model)
+    runner, _ = load_runner(model, fused_ops=False)  # transformers' forward over the model's own layers
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))
     times = []
     for r in reqs:

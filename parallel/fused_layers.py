@@ -5,7 +5,10 @@ rotary embedding, two index_copy_ for the K/V write, the residual adds, SiLU and
 product). At a decode step's few rows each one costs more in dispatch than in arithmetic: in
 `python -m bench.step_profile` they were a fifth of a batch-1 forward. With these kernels a
 layer is its linear layers, attention and five calls: add-and-norm twice, rotary-and-write once,
-SiLU-and-multiply once (vLLM's CPU backend fuses the same steps in its C++ ops).
+SiLU-and-multiply once (vLLM's CPU backend fuses the same steps in its C++ ops). In a model of
+one rank, q/k/v and gate/up are also fused into one linear layer each (`fuse_projections`, as
+vLLM's QKVParallelLinear and MergedColumnParallelLinear are): at a decode step's few rows each
+oneDNN call has a fixed cost, and a layer makes three calls instead of six.
 
 They apply where the arithmetic is the one they implement: float32 on CPU, pre-norm layers whose
 norms scale by their weight (Llama, Mistral, Qwen2, Qwen3), a SiLU-gated MLP and rotary over the
@@ -38,6 +41,58 @@ LAYER_OPS = KernelLibrary(
 
 # transformers' RMSNorms that compute weight * (x * rsqrt(mean(x^2) + eps)) in float32.
 WEIGHT_SCALED_RMS_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+
+class ProjectionSlice(nn.Module):
+    """Columns [lo, hi) of the fused projection that `owner` holds as `name`: what q_proj,
+    k_proj and v_proj (gate_proj, up_proj) become once fused. The model's own forward
+    (transformers', which tests and the bench's raw loop still call) computes the fused layer
+    and keeps its columns; the paged forward calls the fused layer once for all of them."""
+
+    def __init__(self, owner: nn.Module, name: str, lo: int, hi: int) -> None:
+        super().__init__()
+        object.__setattr__(self, "_owner", owner)  # not a child: packing must meet the fused layer once
+        self.name, self.lo, self.hi = name, lo, hi
+        self.out_features = hi - lo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self._owner, self.name)(x)[..., self.lo : self.hi]
+
+    def extra_repr(self) -> str:
+        return f"{self.name}[{self.lo}:{self.hi}]"
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give each layer's attention a `qkv_proj` and its MLP a `gate_up_proj` (plain nn.Linear,
+    for pack_linears to pack next), their parts becoming ProjectionSlices; returns how many
+    fused layers were made. Only plain nn.Linear parts are fused (DeepSpeed's sharded layers
+    split q, k and v by name; int8 layers keep theirs)."""
+    made = 0
+    for layer in model.model.layers:
+        made += _fuse(layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+        made += _fuse(layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))
+    return made
+
+
+def _fuse(owner: nn.Module, name: str, parts: tuple[str, ...]) -> bool:
+    linears = [getattr(owner, part) for part in parts]
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return False
+    weight = torch.cat([linear.weight.detach() for linear in linears])
+    fused = nn.utils.skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=any(linear.bias is not None for linear in linears),
+        device=weight.device, dtype=weight.dtype,
+    )  # fmt: skip
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        biases = [linear.bias if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
+        fused.bias = nn.Parameter(torch.cat([b.detach().to(weight.dtype) for b in biases]), requires_grad=False)
+    setattr(owner, name, fused)
+    lo = 0
+    for part, linear in zip(parts, linears, strict=True):
+        setattr(owner, part, ProjectionSlice(owner, name, lo, lo + linear.out_features))
+        lo += linear.out_features
+    return True
 
 
 class FusedLayerOps:
@@ -105,9 +160,22 @@ class FusedLayerOps:
         )
         return q_out, k_out
 
+    @staticmethod
+    def qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections of x: one call of the fused layer where there is one (column views)."""
+        fused = getattr(attn, "qkv_proj", None)
+        if fused is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = fused(x).split([attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features], dim=1)
+        return q, k, v
+
     def gated_mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """down(silu(gate(x)) * up(x)), the product in one pass."""
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        fused = getattr(mlp, "gate_up_proj", None)
+        if fused is None:
+            gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        else:
+            gate, up = fused(x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=1)
         rows, n = gate.shape
         assert gate.stride(1) == up.stride(1) == 1
         product = torch.empty((rows, n), dtype=gate.dtype)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from parallel.architectures import architecture_of
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
 from parallel.cpu_attention import attention_backend
-from parallel.fused_layers import fused_layer_ops
+from parallel.fused_layers import fuse_projections, fused_layer_ops
 from parallel.host_memory import retain_freed_memory
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
@@ -126,6 +126,9 @@ class LocalModelRunner:
         window = context_window(hf_config, spec.max_model_len)
         layers, kv_heads, head_dim = kv_shape(model)
         num_parameters, held_bytes = count_weights(model), weight_bytes(model)
+        fused = fused_layer_ops(model, architecture_of(hf_config), spec.fused_ops)
+        if fused is not None:
+            fuse_projections(model)
         if spec.device == "cpu":
             pack_linears(model)  # before sizing the pool: a tied LM head's packed copy is memory too
         dtype = DTYPES[spec.dtype]
@@ -133,7 +136,6 @@ class LocalModelRunner:
         plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
         cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
         backend, attention = attention_backend(spec.attention_backend, spec.device, dtype)
-        fused = fused_layer_ops(model, architecture_of(hf_config), spec.fused_ops)
         self._paged = PagedCausalLM(model, cache, attention, fused)
         info = ModelInfo(
             vocab_size=hf_config.vocab_size,

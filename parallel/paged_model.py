@@ -275,14 +275,15 @@ class PagedCausalLM:
         d = self.head_dim
         tokens = x.shape[0]
         k_blocks, v_blocks = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [NB, bs, kvh, d]
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.fused is not None:
-            if self.arch.qk_norm:
-                q = self.fused.rms_norm(attn.q_norm, q.view(-1, d)).view(tokens, -1)
+            q, k, v = self.fused.qkv(attn, x)
+            if self.arch.qk_norm:  # the rows of each head (columns of a fused projection: copied)
+                q = self.fused.rms_norm(attn.q_norm, q.reshape(-1, d)).view(tokens, -1)
                 k = self.fused.rms_norm(attn.k_norm, k.reshape(-1, d)).view(tokens, -1)
             q, k = self.fused.rotary_and_write(q, k, v, cos, sin, batch.slots, k_blocks, v_blocks, d)
-            v = v.view(tokens, -1, d)
+            v = v.view(tokens, -1, d) if v.is_contiguous() else v.unflatten(1, (-1, d))
         else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k, v = q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
             if self.arch.qk_norm:
                 q, k = attn.q_norm(q), attn.k_norm(k)

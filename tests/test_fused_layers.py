@@ -17,7 +17,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from parallel.architectures import architecture_of
-from parallel.fused_layers import LAYER_OPS, FusedLayerOps, fused_layer_ops
+from parallel.fused_layers import LAYER_OPS, FusedLayerOps, ProjectionSlice, fuse_projections, fused_layer_ops
+from parallel.packed_linear import pack_linears
 from parallel.paged_model import apply_rotary
 from parallel.shaped_models import write_shaped_checkpoint
 
@@ -127,6 +128,26 @@ def test_which_models_get_the_fused_layers(shaped) -> None:
     assert fused_layer_ops(*shaped("gemma-3-1b-it")) is None  # sandwich norms, GELU
     assert fused_layer_ops(*shaped("llama-3.2-1b-instruct", dtype=torch.bfloat16)) is None
     assert fused_layer_ops(*shaped("llama-3.2-1b-instruct", hidden_act="gelu")) is None
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-7b-instruct", "llama-3.2-1b-instruct"])  # q/k/v bias; a tied head
+def test_fused_projections_keep_the_models_own_forward(shaped, name: str) -> None:
+    """q/k/v and gate/up fused into one layer each: transformers' forward over the model is what
+    it was (tests and the bench's raw loop call it), and packing meets each fused layer once."""
+    model, _ = shaped(name)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    layers = len(model.model.layers)
+    assert fuse_projections(model) == 2 * layers
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert all(isinstance(p, ProjectionSlice) for p in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj))
+    assert attn.qkv_proj.out_features == attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+    assert pack_linears(model) == 4 * layers + 1  # qkv, o, gate_up, down; the LM head
+    with torch.no_grad():
+        got = model(ids).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert fuse_projections(model) == 0  # packed layers are not fused again
 
 
 def test_without_a_compiler_the_layers_run_eagerly(tmp_path: Path) -> None:
