@@ -4,7 +4,7 @@ Eager torch runs a Llama layer's glue as some thirty operators (six per RMSNorm,
 rotary embedding, two index_copy_ for the K/V write, the residual adds, SiLU and the gate's
 product). At a decode step's few rows each one costs more in dispatch than in arithmetic: in
 `python -m bench.step_profile` they were a fifth of a batch-1 forward. With these kernels a
-layer is its linear layers, attention and five calls: add-and-norm twice, rotary-and-write once,
+layer is its linear layers, attention and four calls: add-and-norm twice, rotary-and-write once,
 SiLU-and-multiply once (vLLM's CPU backend fuses the same steps in its C++ ops). In a model of
 one rank, q/k/v and gate/up are also fused into one linear layer each (`fuse_projections`, as
 vLLM's QKVParallelLinear and MergedColumnParallelLinear are): at a decode step's few rows each
@@ -33,7 +33,7 @@ _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 LAYER_OPS = KernelLibrary(
     "layer_ops",
     {
-        "rms_norm_f32": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32, _f32], None),
+        "rms_norm_f32": ([_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _f32], None),
         "rope_kv_write_f32": ([_ptr, _i64, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64] + [_ptr] * 4, None),
         "silu_mul_f32": ([_ptr, _i64, _ptr, _i64, _ptr, _i64, _i64], None),
     },
@@ -116,7 +116,6 @@ class FusedLayerOps:
             rows,
             hidden,
             norm.variance_epsilon,
-            0.0,
         )
         return out
 

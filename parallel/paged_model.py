@@ -165,7 +165,8 @@ class PagedCausalLM:
     window and rotary table come from its index in the whole model (`self_attn.layer_idx`), so
     a stage of Gemma 3 knows which of its layers are local. With `fused` (parallel.fused_layers,
     for the models it applies to) the layers' norms, residual adds, rotary embedding, K/V write
-    and SiLU gate run as C kernels; the linear layers and attention are the same modules either way.
+    and SiLU gate run as C kernels, and q/k/v (gate/up) are one call where the runner fused them;
+    attention is the same backend either way.
     """
 
     def __init__(
@@ -281,7 +282,7 @@ class PagedCausalLM:
                 q = self.fused.rms_norm(attn.q_norm, q.reshape(-1, d)).view(tokens, -1)
                 k = self.fused.rms_norm(attn.k_norm, k.reshape(-1, d)).view(tokens, -1)
             q, k = self.fused.rotary_and_write(q, k, v, cos, sin, batch.slots, k_blocks, v_blocks, d)
-            v = v.view(tokens, -1, d) if v.is_contiguous() else v.unflatten(1, (-1, d))
+            v = v.unflatten(1, (-1, d))  # a view, also of a fused projection's columns
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k, v = q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)

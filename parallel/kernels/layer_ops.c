@@ -21,10 +21,9 @@
 
 /* out[r] = weight * (v * 1/sqrt(mean(v^2) + eps)) for each row v (as transformers' RMSNorm
  * computes it in float32). With `residual` non-NULL the row is v = residual[r] + x[r], and
- * residual[r] is updated to it first: the residual add before the norm, in the same pass.
- * `offset` is added to the weight (1 for norms that scale by 1 + weight). */
+ * residual[r] is updated to it first: the residual add before the norm, in the same pass. */
 void rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *weight, float *out, int64_t rows,
-                  int64_t hidden, float eps, float offset) {
+                  int64_t hidden, float eps) {
 #pragma omp parallel for if (rows * hidden >= PARALLEL_ELEMENTS)
     for (int64_t r = 0; r < rows; r++) {
         const float *src = x + r * x_stride;
@@ -40,7 +39,7 @@ void rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float
         const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
         float *o = out + r * hidden;
 #pragma omp simd
-        for (int64_t j = 0; j < hidden; j++) o[j] = (weight[j] + offset) * (src[j] * inv);
+        for (int64_t j = 0; j < hidden; j++) o[j] = weight[j] * (src[j] * inv);
     }
 }
 
