@@ -30,8 +30,8 @@ KERNELS = Path(__file__).resolve().parent / "kernels"
 # the compiler fuses no multiply-add that the source does not write (-ffp-contract=off).
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11")
 
-Signature = tuple[list[type], type]
-"""(argtypes, restype) of one exported function."""
+Signature = tuple[list[type], type | None]
+"""(argtypes, restype) of one exported function (None: it returns nothing)."""
 
 
 class KernelUnavailable(RuntimeError):

@@ -85,8 +85,8 @@ def _fuse(owner: nn.Module, name: str, parts: tuple[str, ...]) -> bool:
     )  # fmt: skip
     fused.weight = nn.Parameter(weight, requires_grad=False)
     if fused.bias is not None:
-        biases = [linear.bias if linear.bias is not None else torch.zeros(linear.out_features) for linear in linears]
-        fused.bias = nn.Parameter(torch.cat([b.detach().to(weight.dtype) for b in biases]), requires_grad=False)
+        biases = [linear.bias if linear.bias is not None else weight.new_zeros(linear.out_features) for linear in linears]
+        fused.bias = nn.Parameter(torch.cat([b.detach() for b in biases]), requires_grad=False)
     setattr(owner, name, fused)
     lo = 0
     for part, linear in zip(parts, linears, strict=True):
