@@ -58,9 +58,15 @@ def prefill_seconds(model: torch.nn.Module, prompt_ids: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def engine_decode_tokens_per_s(runner: LocalModelRunner, info: object, batch: int, prompt_len: int, steps: int) -> float:
+def engine_decode_tokens_per_s(
+    runner: LocalModelRunner, info: object, batch: int, prompt_len: int, steps: int, max_num_batched_tokens: int | None = None
+) -> float:
+    """`max_num_batched_tokens`: the prefills' step budget (None: every prompt in one step); on
+    cuda, no more than the profiling forward that sized the pool ran."""
+    budget = max_num_batched_tokens or batch * prompt_len
+
     async def run() -> float:
-        engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len))
+        engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget))
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(10, info.vocab_size - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
         seqs = [engine.add(p, [(SamplingSpec(), 0)], steps + 1, ignore_eos=True)[0] for p in prompts]

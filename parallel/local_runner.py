@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,9 @@ from parallel.validation import weight_bytes
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+ModelLoader = Callable[[ModelSpec], tuple[torch.nn.Module, PretrainedConfig, Path]]
+"""Makes the model a spec names: (model on the spec's device, its config, its directory)."""
 
 
 def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig, Path]:
@@ -83,26 +87,36 @@ class LocalModelRunner:
     another has two teams fighting over the cores, which made steps twice as slow on 2 cores.
     """
 
-    def __init__(self, spec: ModelSpec, kv: KVCacheSpec, threads: int | None = None) -> None:
-        """`threads`: torch threads of the model (None: the process's default)."""
+    def __init__(
+        self, spec: ModelSpec, kv: KVCacheSpec, threads: int | None = None, load_model: ModelLoader = load_hf_model
+    ) -> None:
+        """`threads`: torch threads of the model (None: the process's default). `load_model`:
+        how the model is made; a benchmark passes one that builds random weights on the device
+        in seconds instead of reading gigabytes of a checkpoint written for the purpose."""
         self._spec = spec
         self._kv = kv
         self._threads = threads
+        self._load_model = load_model
         self._paged: PagedCausalLM | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-model")
+        self._thread_id = self._thread.submit(threading.get_ident).result()
 
     def load(self) -> ModelInfo:
         return self._thread.submit(self._load).result()
 
     def step(self, step_input: StepInput) -> StepOutput:
-        return self._thread.submit(self._step, step_input).result()
+        return self.on_model_thread(self._step, step_input)
 
     def logits(self, step_input: StepInput) -> torch.Tensor:
         """Logits rows a step would sample from (tests compare sharded runners against these)."""
         return self.on_model_thread(lambda: self._paged.forward(self._paged.prepare(step_input)))
 
     def on_model_thread(self, fn: Callable[..., T], *args: object) -> T:
-        """Run fn on the model thread (benchmarks time raw forwards there, like the steps)."""
+        """Run fn on the model thread (benchmarks time raw forwards there, like the steps); at
+        once when called there already, so that fn may itself call `step` (a profiler opened
+        on the model thread around several steps)."""
+        if threading.get_ident() == self._thread_id:
+            return fn(*args)
         return self._thread.submit(fn, *args).result()
 
     @property
@@ -122,7 +136,7 @@ class LocalModelRunner:
         if self._threads is not None:
             torch.set_num_threads(self._threads)  # on the model thread: OpenMP counts per thread
         retain_freed_memory()
-        model, hf_config, path = load_hf_model(spec)
+        model, hf_config, path = self._load_model(spec)
         window = context_window(hf_config, spec.max_model_len)
         layers, kv_heads, head_dim = kv_shape(model)
         num_parameters, held_bytes = count_weights(model), weight_bytes(model)

@@ -15,12 +15,15 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
-from deployments.engine.grammar import ConstraintState
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.runner import SampledToken, SamplingSpec
+
+if TYPE_CHECKING:  # see engine.py: xgrammar is imported where grammars are compiled
+    from deployments.engine.grammar import ConstraintState
 
 _ids = itertools.count()
 
