@@ -38,6 +38,11 @@ class KernelUnavailable(RuntimeError):
     """A kernel library could not be built or loaded here (no compiler, or it failed)."""
 
 
+class NoCompiler(KernelUnavailable):
+    """No C compiler at all: the one reason a machine may go without the kernels (tests skip
+    on it, and only on it; a compiler that fails is an error to see)."""
+
+
 def kernel_cache_dir() -> Path:
     return cache_root() / "kernels"
 
@@ -56,6 +61,10 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def compiler_available() -> bool:
+    return _compiler() is not None
+
+
 class KernelLibrary:
     """One C source under kernels/, built and loaded at the first `load()` of the process."""
 
@@ -65,7 +74,7 @@ class KernelLibrary:
         self._functions = functions
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
-        self._error: str | None = None
+        self._error: KernelUnavailable | None = None
 
     def load(self) -> ctypes.CDLL:
         """The library with its functions typed; KernelUnavailable if it cannot be had here."""
@@ -76,16 +85,17 @@ class KernelLibrary:
                 try:
                     compiler = _compiler()
                     if compiler is None:
-                        raise KernelUnavailable("no C compiler (cc, gcc or $CC) on PATH")
+                        raise NoCompiler("no C compiler (cc, gcc or $CC) on PATH")
                     library = ctypes.CDLL(str(self._build(compiler)))
                     for fn_name, (argtypes, restype) in self._functions.items():
                         fn = getattr(library, fn_name)
                         fn.argtypes, fn.restype = argtypes, restype
                     self._library = library
                 except (KernelUnavailable, OSError, subprocess.SubprocessError) as exc:
-                    self._error = str(exc)
+                    self._error = exc if isinstance(exc, KernelUnavailable) else KernelUnavailable(str(exc))
             if self._library is None:
-                raise KernelUnavailable(self._error)
+                assert self._error is not None
+                raise type(self._error)(str(self._error))
             return self._library
 
     def available(self) -> bool:

@@ -3,8 +3,10 @@ that keep a step's freed memory. No Ray: these are model-side."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from parallel.packed_linear import PackedLinear, pack_linears
 from parallel.paged_model import kv_shape
+
+from .conftest import needs_c_compiler
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -80,3 +84,45 @@ def test_freed_memory_is_retained_on_linux() -> None:
     code = "from parallel.host_memory import retain_freed_memory as r; print(r(), r())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+@needs_c_compiler
+def test_both_kernels_build_wherever_a_compiler_is() -> None:
+    """The one check that must not skip on a machine with a compiler (nor in CI, which requires
+    the kernels): a source or flag that stops compiling fails here with the compiler's error."""
+    from parallel.cpu_attention import load_kernel
+    from parallel.fused_layers import LAYER_OPS
+
+    load_kernel()
+    LAYER_OPS.load()
+
+
+def _load_layer_ops(env: dict[str, str]) -> str:
+    code = (
+        "from parallel.cpu_kernels import KernelUnavailable, NoCompiler\n"
+        "from parallel.fused_layers import LAYER_OPS\n"
+        "try:\n"
+        "    LAYER_OPS.load()\n"
+        "    print('built')\n"
+        "except NoCompiler as exc:\n"
+        "    print('no compiler:', exc)\n"
+        "except KernelUnavailable as exc:\n"
+        "    print('failed:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_compiler_that_fails_is_an_error_with_its_message_not_a_missing_compiler(tmp_path: Path) -> None:
+    failing = tmp_path / "cc"
+    failing.write_text("#!/bin/sh\necho 'cc: error: boom' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    env = {**os.environ, "CC": str(failing), "SHARDSERVE_CACHE": str(tmp_path / "cache")}
+    assert _load_layer_ops(env) == "failed: " + f"{failing} failed: cc: error: boom"
+
+
+def test_no_compiler_at_all_is_the_one_reason_to_go_without(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CC"}
+    env |= {"PATH": str(tmp_path), "SHARDSERVE_CACHE": str(tmp_path / "cache")}  # no cc or gcc on it
+    assert _load_layer_ops(env) == "no compiler: no C compiler (cc, gcc or $CC) on PATH"
