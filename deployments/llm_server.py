@@ -79,6 +79,7 @@ class LLMServer:
         record_served(context.app_name, context.deployment)  # see deployments.assignment
         self._metrics = EngineMetrics(args.model_name, self._engine.counters)
         self._metrics.startup(startup.phases)
+        self._metrics.model_info(self._info.dtype, self._info.attention_backend, self._info.fused_ops)
         logger.info("replica ready: %s", ", ".join(f"{k}={v:.2f}s" for k, v in startup.phases.items()))
         self._recent_ttft = RecentMean()
         self._pusher = None
@@ -120,6 +121,8 @@ class LLMServer:
             sampling_defaults=self._checkpoint.sampling_defaults,
             fingerprint=self._checkpoint.fingerprint,
             quality=self._checkpoint.quality,
+            attention_backend=self._info.attention_backend,
+            fused_ops=self._info.fused_ops,
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:

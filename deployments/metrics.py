@@ -141,6 +141,15 @@ class EngineMetrics:
         for phase, seconds in phases.items():
             gauge.labels(self._model, phase).set(seconds)
 
+    def model_info(self, dtype: str, attention_backend: str, fused_ops: bool) -> None:
+        """What this replica computes with, as labels of a gauge set to 1 (vLLM's `*_info`
+        shape): a kernel that fell back shows as `attention_backend="gather_sdpa"` or
+        `layer_ops="eager"` beside the replicas that have it."""
+        Gauge(
+            "shardserve:model_info", "What the replica computes with (labels); always 1.",
+            ["model_name", "dtype", "attention_backend", "layer_ops"], registry=self.registry,
+        ).labels(self._model, dtype, attention_backend, "fused" if fused_ops else "eager").set(1)  # fmt: skip
+
     def finished(self, reason: str) -> None:
         self._success.labels(self._model, reason).inc()
 

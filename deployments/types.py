@@ -359,6 +359,11 @@ class ModelCard(BaseModel):
     fingerprint: str = ""
     """Identity of the weights served (source, revision, dtype, weight files): result-cache
     entries of another checkpoint under the same name and version never match."""
+    attention_backend: str = ""
+    """The paged attention in use (`cpu_paged`, or `gather_sdpa` where the CPU kernel does not
+    apply or could not be built): what `attention_backend: auto` became on this replica."""
+    fused_ops: bool = False
+    """Whether the layers run the fused CPU kernels (`cpu_fused_ops`), or eager torch ops."""
 
 
 class EngineStats(BaseModel):

@@ -7,7 +7,7 @@ import uuid
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import wait_until
+from .conftest import kernels_expected, wait_until
 
 
 def scrape(http: httpx.Client) -> dict[tuple[str, frozenset], float]:
@@ -78,6 +78,9 @@ def test_metrics_move_with_traffic(http) -> None:
     assert value(after, "shardserve:num_replicas", deployment="LLMServer") == 1
     assert value(after, "shardserve:num_replicas", deployment="Ingress") == 1
     assert value(after, "shardserve:time_to_first_token_seconds_sum") > 0
+    kernels = ("cpu_paged", "fused") if kernels_expected() else ("gather_sdpa", "eager")
+    info = dict(zip(("attention_backend", "layer_ops"), kernels, strict=True))
+    assert value(after, "shardserve:model_info", model_name="tiny-llama", dtype="float32", **info) == 1
 
 
 def test_unmatched_paths_share_one_label(http) -> None:

@@ -7,6 +7,8 @@ import json
 import openai
 import pytest
 
+from .conftest import kernels_expected
+
 PROMPT = "The quick brown fox"
 
 
@@ -14,6 +16,13 @@ def test_models_list(openai_client) -> None:
     models = openai_client.models.list()
     assert [m.id for m in models.data] == ["tiny-llama"]
     assert models.data[0].object == "model"
+
+
+def test_models_list_says_what_the_replica_computes_with(http) -> None:
+    """Where an operator sees that a kernel fell back (also the shardserve:model_info labels)."""
+    (model,) = http.get("/v1/models").json()["data"]
+    backend = "cpu_paged" if kernels_expected() else "gather_sdpa"
+    assert (model["dtype"], model["attention_backend"], model["fused_ops"]) == ("float32", backend, kernels_expected())
 
 
 def test_completion_greedy_is_deterministic_and_counts_usage(openai_client) -> None:

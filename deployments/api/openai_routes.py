@@ -84,6 +84,11 @@ def model_object(card: ModelCard) -> dict[str, Any]:
         "owned_by": "shardserve",
         "root": card.source,
         "max_model_len": card.max_model_len,
+        # What the replica computes with (an operator sees a kernel fallback here and in
+        # shardserve:model_info); clients of OpenAI's schema ignore fields they do not know.
+        "dtype": card.dtype,
+        "attention_backend": card.attention_backend,
+        "fused_ops": card.fused_ops,
     }
 
 

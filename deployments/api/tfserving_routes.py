@@ -146,6 +146,8 @@ def register(app: FastAPI, backend: Backend) -> None:
                     "num_parameters": card.num_parameters,
                     "weight_bytes": card.weight_bytes,
                     "dtype": card.dtype,
+                    "attention_backend": card.attention_backend,
+                    "fused_ops": card.fused_ops,
                     "quality": card.quality,
                 },
             },
