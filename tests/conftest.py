@@ -14,6 +14,22 @@ from typing import Any
 
 import pytest
 
+from parallel.cpu_kernels import compiler_available
+
+KERNELS_REQUIRED = bool(os.environ.get("SHARDSERVE_REQUIRE_KERNELS"))
+"""Set by CI (.ci/run): the CPU kernels must build, so even a missing compiler fails the tests."""
+
+
+def kernels_expected() -> bool:
+    """Whether the CPU kernels must build here: a C compiler is present (one that fails is an
+    error to see, not a reason to skip), or CI requires them."""
+    return compiler_available() or KERNELS_REQUIRED
+
+
+needs_c_compiler = pytest.mark.skipif(
+    not kernels_expected(), reason="no C compiler (cc, gcc or $CC) on this machine: the CPU kernels cannot be built"
+)
+
 APP_NAME = "shardserve"
 TEST_ARGS: dict[str, Any] = {
     "model": "shardserve/tiny-llama",

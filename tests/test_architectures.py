@@ -26,15 +26,13 @@ from transformers import AutoModelForCausalLM
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel.architectures import supported_names
-from parallel.cpu_attention import kernel_available
 from parallel.distributed_runner import DistributedModelRunner
-from parallel.fused_layers import LAYER_OPS
 from parallel.loading import ModelLoadError, load_model_config
 from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.shaped_models import write_shaped_checkpoint
 
-from .conftest import wait_until
+from .conftest import kernels_expected, wait_until
 
 SHAPES = [
     "llama-3.2-1b-instruct",
@@ -143,7 +141,7 @@ def check_matches_transformers(
     try:
         info = runner.load()
         assert attention_backend is None or info.attention_backend == attention_backend
-        assert info.fused_ops == (fused_ops and fusable(name) and LAYER_OPS.available())
+        assert info.fused_ops == (fused_ops and fusable(name) and kernels_expected())
         logits = runner.logits(prefill_step())
         assert torch.allclose(logits, ref_logits, atol=1e-4), (logits - ref_logits).abs().max()
         for budget in budgets:
@@ -161,8 +159,8 @@ def check_matches_transformers(
 )
 @pytest.mark.parametrize("name", SHAPES)
 def test_unsharded_forward_matches_transformers(name: str, attention: str, fused_ops: bool) -> None:
-    if attention == "cpu_paged" and not kernel_available():
-        pytest.skip("no C compiler here: the CPU kernels cannot be built")
+    if attention == "cpu_paged" and not kernels_expected():
+        pytest.skip("no C compiler on this machine: the CPU kernels cannot be built")
     if not fused_ops and not fusable(name):
         pytest.skip("eager either way: the fused layers do not apply to this shape")
     runner = LocalModelRunner(spec_for(name, attention, fused_ops), KV)

@@ -16,9 +16,9 @@ from pydantic import ValidationError
 
 from deployments.config import ShardserveArgs
 from parallel.attention import DecodeGroup, Prefill, gather_sdpa
-from parallel.cpu_attention import cpu_paged, kernel_available
+from parallel.cpu_attention import cpu_paged
 
-needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler here: the kernel cannot be built")
+from .conftest import needs_c_compiler as needs_kernel
 
 BLOCK = 16
 NUM_BLOCKS = 400
