@@ -51,7 +51,7 @@ from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
 from parallel.local_runner import LocalModelRunner
 from parallel.model_process import ProcessModelRunner
-from parallel.runner import ModelInfo, ModelRunner, SamplingSpec
+from parallel.runner import ModelInfo, ModelRunner
 
 logger = logging.getLogger("ray.serve")
 
@@ -127,10 +127,9 @@ class LLMServer:
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """Generate every output of the request and return them whole (the stream, gathered)."""
-        check_request(request, self._args.limits)
-        request = request.with_defaults(self._checkpoint.sampling_defaults)
+        request = self._admit(request)
         recorder = StreamRecorder(request.n)
-        async for chunk in self.generate_stream(request):
+        async for chunk in self._stream(request):
             recorder.add(chunk)
         response = recorder.response(self._args.model_name, with_logprobs=request.logprobs is not None)
         if response is None:  # cannot happen when the stream ends normally; never return half
@@ -140,10 +139,20 @@ class LLMServer:
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Yield chunks as text becomes available; the first chunk of each output comes as soon
         as its first token is sampled. Validation errors are raised before the first chunk."""
+        async for chunk in self._stream(self._admit(request)):
+            yield chunk
+
+    def _admit(self, request: GenerateRequest) -> GenerateRequest:
+        """The replica's edge, once per call: the limits (pydantic checked the fields' bounds
+        when the request was made), then this checkpoint's sampling defaults. The ingress checks
+        the limits too, before its result cache; it keys on defaults from a model card that may
+        be a rollout behind, so the replica resolves its own."""
+        check_request(request, self._args.limits)
+        return request.with_defaults(self._checkpoint.sampling_defaults)
+
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         self._started()
         request_id = _new_request_id()
-        check_request(request, self._args.limits)
-        request = request.with_defaults(self._checkpoint.sampling_defaults)
         prompt, prompt_ids, max_tokens = self._prepare(request)
         constraint, structured = None, request.structured_output or tool_constraint(request)
         if structured is not None:  # compiling a large schema takes a while the first time
@@ -281,17 +290,7 @@ class LLMServer:
         The echoed prompt (with its logprobs) and vLLM's prompt logprobs come first, once the
         prompt is read."""
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
-        spec = SamplingSpec(
-            temperature=request.temperature,  # type: ignore[arg-type]  # set by with_defaults
-            top_p=request.top_p,  # type: ignore[arg-type]
-            top_k=max(request.top_k or 0, 0),
-            min_p=request.min_p,  # type: ignore[arg-type]
-            repetition_penalty=request.repetition_penalty,  # type: ignore[arg-type]
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            logit_bias=tuple(sorted((request.logit_bias or {}).items())),
-            logprobs=request.logprobs,
-        )
+        spec = request.sampling_spec(request.logprobs)
         samplings = [(spec, base_seed + i) for i in range(request.n)]
         seqs = self._engine.add(
             prompt_ids,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.sampling import Logprobs, MaxTokens, SamplingDefaults, SamplingParams
 from deployments.tools import Tool, ToolCall, ToolCallDelta, ToolChoice
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -29,31 +30,6 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
-
-
-class SamplingDefaults(BaseModel):
-    """What a request that leaves a sampling field out gets: the served checkpoint's
-    generation_config.json values where it sets them (unless `generation_config: ignore`),
-    OpenAI's neutral values otherwise. Reported on the model card."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    max_tokens: int | None = None
-    """generation_config's `max_new_tokens`: the cap on a request that sets no max_tokens."""
-
-    @classmethod
-    def from_generation_config(cls, fields: dict[str, Any]) -> SamplingDefaults:
-        """The values generation_config.json sets (vLLM reads the same ones, and like vLLM this
-        ignores `do_sample`: a checkpoint that names a temperature is sampled with it)."""
-        named = {k: fields[k] for k in _SAMPLING_FIELDS if fields.get(k) is not None}
-        if fields.get("max_new_tokens"):
-            named["max_tokens"] = fields["max_new_tokens"]
-        return cls.model_validate(named)
 
 
 class StructuredOutput(BaseModel):
@@ -85,10 +61,10 @@ class StructuredOutput(BaseModel):
         return self
 
 
-class GenerateRequest(BaseModel):
-    """One prompt (text, token ids, or chat messages) and how to continue it. A sampling field
-    left None takes the model's default (its generation_config.json, as vLLM does), see
-    `ModelCard.sampling_defaults`."""
+class GenerateRequest(SamplingParams):
+    """One prompt (text, token ids, or chat messages) and how to continue it (the sampling
+    fields are `SamplingParams`'). A sampling field left None takes the model's default (its
+    generation_config.json, as vLLM does), see `ModelCard.sampling_defaults`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,43 +74,13 @@ class GenerateRequest(BaseModel):
     """Token ids to continue, instead of `prompt`."""
     messages: list[ChatMessage] | None = None
     """Chat turns, rendered through the model's chat template, instead of `prompt`."""
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: MaxTokens | None = None
     """Most tokens to generate; None: up to the end of the context window."""
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    """0 is greedy."""
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    """0 or -1: no top-k truncation."""
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Drop tokens less likely than min_p times the most likely one."""
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    """Above 1 discourages tokens already in the prompt or output (transformers' semantics)."""
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    """Subtracted from the logit of every token already in the output (OpenAI's semantics)."""
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    """Subtracted from a token's logit once for each time it is already in the output."""
-    min_tokens: int = Field(default=0, ge=0)
-    """EOS and `stop_token_ids` cannot end the output before this many tokens (vLLM's)."""
-    stop_token_ids: list[int] = Field(default_factory=list)
-    """Token ids that end the output like EOS, even with ignore_eos (vLLM's)."""
-    logit_bias: dict[int, float] | None = None
-    """Token id -> bias in [-100, 100] added to its logit at every step (greedy choices too);
-    -100 bans a token, +100 all but forces it."""
-    seed: int | None = None
-    """Makes sampled output reproducible."""
-    stop: list[str] = Field(default_factory=list)
-    """Generation ends before the first occurrence of any of these strings."""
-    ignore_eos: bool = False
-    n: int = Field(default=1, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: Logprobs | None = None
     """Return the sampled token's log-probability and this many top alternatives; with `echo`
     the prompt tokens' too (the first has none), as OpenAI's completions do."""
     echo: bool = False
     """Prepend the prompt to the returned text."""
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
-    """Return each prompt token's log-probability and this many top alternatives in
-    `CompletionOutput.prompt_logprobs` (vLLM's); its prompt is computed, not taken from the
-    prefix cache."""
     structured_output: StructuredOutput | None = None
     """Constrain every output to a JSON schema, a regex, a choice or a grammar."""
     tools: list[Tool] | None = None
@@ -151,11 +97,6 @@ class GenerateRequest(BaseModel):
     cache: bool = True
     """False: neither answered from nor stored in the result cache (the HTTP routes set it from
     a `cache: false` body field or a `Cache-Control: no-cache`/`no-store` header)."""
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
-        return check_logit_bias(v)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:
@@ -183,12 +124,6 @@ class GenerateRequest(BaseModel):
     def calls_tools(self) -> bool:
         """Tools are offered and may be called (tool_choice is not "none")."""
         return bool(self.tools) and self.tool_choice != "none"
-
-    def with_defaults(self, defaults: SamplingDefaults) -> GenerateRequest:
-        """This request with every sampling field it left out set from `defaults`: what the
-        engine runs, and what the result cache keys on (its answer depends on them)."""
-        unset = {k: getattr(defaults, k) for k in _SAMPLING_FIELDS if getattr(self, k) is None}
-        return self.model_copy(update=unset) if unset else self
 
     @property
     def prompt_top_logprobs(self) -> int | None:
@@ -250,16 +185,6 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
-
-
-def check_logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
-    """OpenAI's range for each bias; an empty map is no bias."""
-    if bias and any(not -100.0 <= b <= 100.0 for b in bias.values()):
-        raise ValueError("logit_bias values must be between -100 and 100")
-    return bias or None
-
-
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class TokenLogprob(BaseModel):

@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from deployments.sampling import Logprobs, MaxTokens, SamplingParams
 from deployments.tools import Tool, ToolChoice
-from deployments.types import ChatMessage, GenerateRequest, StructuredOutput, TokenizeRequest, check_logit_bias
+from deployments.types import ChatMessage, GenerateRequest, StructuredOutput, TokenizeRequest
 
 
 class StreamOptions(BaseModel):
@@ -94,31 +95,18 @@ UNHONOURED: dict[str, tuple[Any, ...]] = {
 }
 
 
-class _Common(BaseModel):
+class _Common(SamplingParams):
+    """What completions and chat share: the sampling fields (`SamplingParams`, left-out ones
+    taking the model's defaults, as in vLLM), streaming, the result cache, structured output."""
+
     # Fields outside OpenAI's API are ignored, as OpenAI and vLLM do; the API's own fields that
     # are not honoured are refused (UNHONOURED), never dropped in silence.
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    # Sampling fields left out take the model's defaults (its generation_config.json), as in vLLM.
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extension, as are min_p and repetition_penalty
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = None  # JSON's string keys are token ids
-    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension, as is stop_token_ids
-    stop_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: the prompt tokens' logprobs
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
     cache: bool = True  # extension: false keeps this request out of the result cache
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields (one of them per request).
@@ -148,18 +136,6 @@ class _Common(BaseModel):
             raise ValueError("this server does not support this field yet; leave it out")
         return v
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
-        return check_logit_bias(v)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
-        if (isinstance(v, list) and any(not s for s in v)) or v == "":
-            raise ValueError("stop strings must not be empty")
-        return v
-
     @model_validator(mode="after")
     def _one_constraint(self) -> _Common:
         self.structured_output()  # raises for a malformed or doubled constraint
@@ -186,38 +162,16 @@ class _Common(BaseModel):
             raise ValueError("give one of response_format, structured_outputs, guided_* (one constraint per request)")
         return given[0] if given else None
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    def sampling_fields(self) -> dict[str, Any]:
-        return {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-            "presence_penalty": self.presence_penalty or 0.0,
-            "frequency_penalty": self.frequency_penalty or 0.0,
-            "logit_bias": self.logit_bias,
-            "min_tokens": self.min_tokens,
-            "stop_token_ids": self.stop_token_ids or [],
-            "prompt_logprobs": self.prompt_logprobs,
-            "seed": self.seed,
-            "stop": self.stop_list(),
-            "n": self.n,
-            "ignore_eos": self.ignore_eos,
-            "cache": self.cache,
-            "structured_output": self.structured_output(),
-        }
+    def generate_fields(self) -> dict[str, Any]:
+        """What a GenerateRequest takes from this body besides the prompt and the lengths."""
+        return {**self.sampling_fields(), "cache": self.cache, "structured_output": self.structured_output()}
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: MaxTokens | None = 16
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM allows 20 alternatives (OpenAI 5)
+    logprobs: Logprobs | None = None
 
     def to_generate_requests(self) -> list[GenerateRequest]:
         """One GenerateRequest per prompt (a list of strings or of token lists is a batch)."""
@@ -230,7 +184,7 @@ class CompletionRequest(_Common):
             prompts = list(self.prompt)  # type: ignore[arg-type]
         if not prompts:
             raise ValueError("prompt must not be empty")
-        common = {**self.sampling_fields(), "max_tokens": self.max_tokens, "echo": self.echo, "logprobs": self.logprobs}
+        common = {**self.generate_fields(), "max_tokens": self.max_tokens, "echo": self.echo, "logprobs": self.logprobs}
         return [
             GenerateRequest(prompt=p, **common) if isinstance(p, str) else GenerateRequest(prompt_token_ids=p, **common)
             for p in prompts
@@ -242,10 +196,10 @@ class ChatCompletionRequest(_Common):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Logprobs | None = None
 
     @model_validator(mode="after")
     def _prompt_logprobs_whole_only(self) -> ChatCompletionRequest:
@@ -261,7 +215,7 @@ class ChatCompletionRequest(_Common):
             tools=self.tools or None,
             tool_choice=self.tool_choice,
             parallel_tool_calls=self.parallel_tool_calls is not False,
-            **self.sampling_fields(),
+            **self.generate_fields(),
         )
 
 

@@ -23,6 +23,7 @@ from deployments.api.cache_control import mark_cache_status, with_cache_control
 from deployments.api.http_errors import error_response, unwrap
 from deployments.api.openai_routes import Backend, check_model
 from deployments.errors import InvalidRequest
+from deployments.sampling import MaxTokens, Temperature, TopP
 from deployments.types import ChatMessage, GenerateRequest, StructuredOutput, Usage
 
 # The values that ask for nothing; anything else is a 400 naming the field.
@@ -80,9 +81,10 @@ class ResponsesRequest(BaseModel):
     model: str | None = None
     input: str | list[InputMessage]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_output_tokens: MaxTokens | None = None
+    # The two sampling fields of OpenAI's Responses API, declared as everywhere (deployments.sampling).
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stream: bool = False
     text: TextOptions | None = None
     metadata: dict[str, str] | None = None

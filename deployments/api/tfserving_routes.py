@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.api.cache_control import mark_cache_status, with_cache_control
 from deployments.api.openai_routes import Backend, model_object
 from deployments.errors import InvalidRequest, ModelNotFound
+from deployments.sampling import MaxTokens, StopStrings, Temperature, TopK, TopP
 from deployments.types import GenerateRequest, GenerateResponse, ModelCard
 
 
@@ -28,12 +29,16 @@ class PredictParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
+    # The sampling fields' types and bounds are deployments.sampling's; the defaults differ on
+    # purpose: greedy and 16 tokens unless asked, so that a predict is reproducible and short
+    # (a TF-Serving client expects the same output for the same input). top_p and top_k left
+    # out take the model's defaults, as on every route.
+    max_tokens: MaxTokens = 16
+    temperature: Temperature = 0.0
+    top_p: TopP | None = None
+    top_k: TopK | None = None
     seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    stop: StopStrings = Field(default_factory=list)
     cache: bool = True
     """False: not answered from, nor stored in, the result cache."""
 
