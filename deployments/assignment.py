@@ -86,6 +86,8 @@ class AppDeployments:
             max_age = self._max_age_s if healthy else self._unhealthy_max_age_s
             if time.monotonic() - self._read_at > max_age:
                 app = serve.get_replica_context().app_name
+                # Private: serve.status() builds every app's full details on the controller; this runs
+                # every few seconds on request paths and needs one app's statuses, which no public call gives.
                 client = _get_global_client()
                 status = await asyncio.to_thread(client.get_serve_status, app)
                 self._statuses = {d.name: (str(d.status.value), d.message) for d in status.deployment_statuses}

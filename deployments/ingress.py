@@ -234,6 +234,8 @@ class Ingress:
 
     # ---- HTTP -------------------------------------------------------------------------------
 
+    # Serve's documented hook for `@serve.ingress()` with no app: the routes depend on the
+    # config, known only once the replica is constructed (tests/test_ray_reach_ins.py).
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = FastAPI(title="shardserve", version="0.1.0")
         app.router.route_class = TextJSONRoute

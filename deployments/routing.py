@@ -23,10 +23,15 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from ray.serve._private.common import ReplicaID
-from ray.serve._private.request_router.common import PendingRequest
-from ray.serve._private.request_router.replica_wrapper import RunningReplica
-from ray.serve._private.request_router.request_router import FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from deployments.types import GenerateRequest
 
