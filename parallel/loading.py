@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from parallel.architectures import UnsupportedArchitecture, architecture_of
 from parallel.builtin_models import ensure_builtin_model, is_builtin
+from parallel.model.architectures import UnsupportedArchitecture, architecture_of
 from parallel.runner import ModelSpec
 
 logger = logging.getLogger(__name__)

@@ -14,11 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.architectures import architecture_of
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
-from parallel.cpu_attention import attention_backend
-from parallel.fused_layers import fuse_projections, fused_layer_ops
-from parallel.host_memory import retain_freed_memory
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
     DTYPES,
@@ -29,10 +25,14 @@ from parallel.loading import (
     generation_config,
     load_model_config,
 )
-from parallel.packed_linear import pack_linears
-from parallel.paged_model import PagedCausalLM, PagedKVCache, kv_shape
+from parallel.model.architectures import architecture_of
+from parallel.model.cpu_attention import attention_backend
+from parallel.model.fused_layers import fuse_projections, fused_layer_ops
+from parallel.model.host_memory import retain_freed_memory
+from parallel.model.packed_linear import pack_linears
+from parallel.model.paged_model import PagedCausalLM, PagedKVCache, kv_shape
+from parallel.model.sampling import sample_step
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
-from parallel.sampling import sample_step
 from parallel.validation import weight_bytes
 
 logger = logging.getLogger(__name__)

@@ -19,18 +19,18 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.architectures import architecture_of
-from parallel.cpu_attention import attention_backend
-from parallel.fused_layers import fused_layer_ops
-from parallel.host_memory import retain_freed_memory
 from parallel.int8_shards import requantize_shards
 from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.loading import DTYPES, load_model_config
-from parallel.packed_linear import pack_linears
-from parallel.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
+from parallel.model.architectures import architecture_of
+from parallel.model.cpu_attention import attention_backend
+from parallel.model.fused_layers import fused_layer_ops
+from parallel.model.host_memory import retain_freed_memory
+from parallel.model.packed_linear import pack_linears
+from parallel.model.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
+from parallel.model.sampling import sample_step
 from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
-from parallel.sampling import sample_step
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class RankWorker:
             fused_ops=self._fused is not None,
         )
         if spec.device == "cpu":
-            pack_linears(self._model)  # after counting: a packed weight is no parameter (parallel.packed_linear)
+            pack_linears(self._model)  # after counting: a packed weight is no parameter (parallel.model.packed_linear)
         return report
 
     def free_bytes(self, max_num_batched_tokens: int) -> int:

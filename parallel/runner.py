@@ -25,9 +25,9 @@ class ModelSpec:
     max_model_len: int | None
     device: str
     attention_backend: str = "auto"
-    """One of parallel.cpu_attention.BACKENDS."""
+    """One of parallel.model.cpu_attention.BACKENDS."""
     fused_ops: bool = True
-    """A layer's element-wise steps through parallel.fused_layers where they apply."""
+    """A layer's element-wise steps through parallel.model.fused_layers where they apply."""
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,9 @@ class ModelInfo:
     hidden_size: int = 0
     """Width of the final hidden states (an embedding's length)."""
     attention_backend: str = "gather_sdpa"
-    """The paged attention the forward runs with (parallel.cpu_attention)."""
+    """The paged attention the forward runs with (parallel.model.cpu_attention)."""
     fused_ops: bool = False
-    """Whether the layers' element-wise steps run as parallel.fused_layers' kernels."""
+    """Whether the layers' element-wise steps run as parallel.model.fused_layers' kernels."""
 
 
 class ModelRunner(Protocol):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from parallel.cpu_kernels import compiler_available
+from parallel.model.cpu_kernels import compiler_available
 
 KERNELS_REQUIRED = bool(os.environ.get("SHARDSERVE_REQUIRE_KERNELS"))
 """Set by CI (.ci/run): the CPU kernels must build, so even a missing compiler fails the tests."""

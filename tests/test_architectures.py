@@ -25,10 +25,10 @@ from transformers import AutoModelForCausalLM
 
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.architectures import supported_names
 from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import ModelLoadError, load_model_config
 from parallel.local_runner import LocalModelRunner
+from parallel.model.architectures import supported_names
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.shaped_models import write_shaped_checkpoint
 
@@ -128,7 +128,7 @@ def spec_for(name: str, attention_backend: str = "auto", fused_ops: bool = True)
 
 
 def fusable(name: str) -> bool:
-    """Whether parallel.fused_layers applies to the shape (all but Gemma 3's sandwich layers)."""
+    """Whether parallel.model.fused_layers applies to the shape (all but Gemma 3's sandwich layers)."""
     return not name.startswith("gemma")
 
 

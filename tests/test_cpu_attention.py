@@ -1,4 +1,4 @@
-"""The CPU paged decode kernel (parallel/cpu_attention.py) against gather_sdpa, the backend every
+"""The CPU paged decode kernel (parallel/model/cpu_attention.py) against gather_sdpa, the backend every
 device has: GQA and MHA, sliding windows, contexts that end on and just past block boundaries,
 blocks shared between sequences, whole contexts per task and contexts split into parts. Then what a
 machine without a C compiler gets. No Ray: model side."""
@@ -15,8 +15,8 @@ import torch
 from pydantic import ValidationError
 
 from deployments.config import ShardserveArgs
-from parallel.attention import DecodeGroup, Prefill, gather_sdpa
-from parallel.cpu_attention import cpu_paged
+from parallel.model.attention import DecodeGroup, Prefill, gather_sdpa
+from parallel.model.cpu_attention import cpu_paged
 
 from .conftest import needs_c_compiler as needs_kernel
 
@@ -87,7 +87,7 @@ def test_a_step_of_decodes_and_a_prefill_fills_every_row() -> None:
 def _backend_in_fresh_process(tmp_path: Path, compiler: str, backend: str) -> subprocess.CompletedProcess[str]:
     code = (
         "import torch\n"
-        "from parallel.cpu_attention import attention_backend\n"
+        "from parallel.model.cpu_attention import attention_backend\n"
         f"print(attention_backend({backend!r}, 'cpu', torch.float32)[0])\n"
     )
     env = {**os.environ, "CC": compiler, "SHARDSERVE_CACHE": str(tmp_path)}
@@ -124,7 +124,7 @@ def test_cpu_paged_is_refused_where_it_cannot_run() -> None:
 def test_one_decode_group_in_place_matches_the_padded_buckets() -> None:
     """The kernel's backend asks prepare() for one group of every decode token (nothing to pad);
     its rows are those gather_sdpa computes over length buckets."""
-    from parallel.paged_model import prepare
+    from parallel.model.paged_model import prepare
     from parallel.runner import SamplingSpec, SequenceStep, StepInput
 
     assert getattr(cpu_paged, "reads_blocks_in_place", False)

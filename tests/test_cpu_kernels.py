@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from parallel.packed_linear import PackedLinear, pack_linears
-from parallel.paged_model import kv_shape
+from parallel.model.packed_linear import PackedLinear, pack_linears
+from parallel.model.paged_model import kv_shape
 
 from .conftest import needs_c_compiler
 
@@ -81,7 +81,7 @@ def test_only_plain_float_linears_are_packed() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_freed_memory_is_retained_on_linux() -> None:
     """In a fresh process (the settings are process-wide): applied once, then a no-op."""
-    code = "from parallel.host_memory import retain_freed_memory as r; print(r(), r())"
+    code = "from parallel.model.host_memory import retain_freed_memory as r; print(r(), r())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["True", "True"]
 
@@ -90,8 +90,8 @@ def test_freed_memory_is_retained_on_linux() -> None:
 def test_both_kernels_build_wherever_a_compiler_is() -> None:
     """The one check that must not skip on a machine with a compiler (nor in CI, which requires
     the kernels): a source or flag that stops compiling fails here with the compiler's error."""
-    from parallel.cpu_attention import load_kernel
-    from parallel.fused_layers import LAYER_OPS
+    from parallel.model.cpu_attention import load_kernel
+    from parallel.model.fused_layers import LAYER_OPS
 
     load_kernel()
     LAYER_OPS.load()
@@ -99,8 +99,8 @@ def test_both_kernels_build_wherever_a_compiler_is() -> None:
 
 def _load_layer_ops(env: dict[str, str]) -> str:
     code = (
-        "from parallel.cpu_kernels import KernelUnavailable, NoCompiler\n"
-        "from parallel.fused_layers import LAYER_OPS\n"
+        "from parallel.model.cpu_kernels import KernelUnavailable, NoCompiler\n"
+        "from parallel.model.fused_layers import LAYER_OPS\n"
         "try:\n"
         "    LAYER_OPS.load()\n"
         "    print('built')\n"

@@ -1,4 +1,4 @@
-"""The fused layer kernels (parallel/fused_layers.py) against the transformers modules and the
+"""The fused layer kernels (parallel/model/fused_layers.py) against the transformers modules and the
 eager code they stand in for: RMSNorm with and without the residual add, rotary embedding with
 the K/V write, the SiLU-gated MLP; which models get them; what a machine without a compiler gets.
 Whole models through the fused path against transformers' forward are in test_architectures.py.
@@ -16,10 +16,10 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from parallel.architectures import architecture_of
-from parallel.fused_layers import LAYER_OPS, FusedLayerOps, ProjectionSlice, fuse_projections, fused_layer_ops
-from parallel.packed_linear import pack_linears
-from parallel.paged_model import apply_rotary
+from parallel.model.architectures import architecture_of
+from parallel.model.fused_layers import LAYER_OPS, FusedLayerOps, ProjectionSlice, fuse_projections, fused_layer_ops
+from parallel.model.packed_linear import pack_linears
+from parallel.model.paged_model import apply_rotary
 from parallel.shaped_models import write_shaped_checkpoint
 
 from .conftest import needs_c_compiler as needs_kernels

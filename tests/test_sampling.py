@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from parallel.model.sampling import sample_batch
 from parallel.runner import SamplingSpec
-from parallel.sampling import sample_batch
 
 
 def logits() -> torch.Tensor:

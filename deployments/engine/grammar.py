@@ -4,7 +4,7 @@ xgrammar (what vLLM and SGLang use by default) compiles a JSON schema, regex, ch
 EBNF grammar against the tokenizer's vocabulary once; a matcher then says, before each sampled
 token, which tokens keep the output inside the grammar, as a bitmask of vocab_size bits. The
 engine computes the masks (it owns the per-sequence state, like vLLM's scheduler) and sends them
-with the step; the model side only applies them (parallel.sampling), so constrained and free
+with the step; the model side only applies them (parallel.model.sampling), so constrained and free
 sequences share one batched step and nothing about grammars crosses into parallel/.
 """
 

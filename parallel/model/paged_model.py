@@ -5,9 +5,9 @@ The Hugging Face model supplies the weights and its modules (projections, norms,
 embedding); this file supplies what HF's own forward lacks for serving: tokens of many sequences
 flattened into one batch (so every linear layer runs once per step), K/V written into fixed-size
 blocks of a preallocated pool, and attention that reads each sequence's blocks through its block
-table, masked to each layer's sliding window where it has one (`parallel.attention`, the seam a
+table, masked to each layer's sliding window where it has one (`parallel.model.attention`, the seam a
 device's paged kernel plugs into). What differs between families
-(norm wiring, q/k norms, per-layer rotary tables) comes from `parallel.architectures`. The same
+(norm wiring, q/k norms, per-layer rotary tables) comes from `parallel.model.architectures`. The same
 code runs under DeepSpeed AutoTP, which swaps the Linear modules for sharded ones: head counts
 are read from the projections' output sizes, not from the config.
 """
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.architectures import architecture_of, layer_type, layer_window
-from parallel.attention import DecodeGroup, PagedAttention, Prefill, bucket_by_length, gather_sdpa
-from parallel.fused_layers import FusedLayerOps
+from parallel.model.architectures import architecture_of, layer_type, layer_window
+from parallel.model.attention import DecodeGroup, PagedAttention, Prefill, bucket_by_length, gather_sdpa
+from parallel.model.fused_layers import FusedLayerOps
 from parallel.runner import StepInput
 
 
@@ -163,7 +163,7 @@ class PagedCausalLM:
     last the final norm and LM head (absent modules are None). The KV pool covers the layers
     held here, and the heads held here when AutoTP has sharded the projections. Each layer's
     window and rotary table come from its index in the whole model (`self_attn.layer_idx`), so
-    a stage of Gemma 3 knows which of its layers are local. With `fused` (parallel.fused_layers,
+    a stage of Gemma 3 knows which of its layers are local. With `fused` (parallel.model.fused_layers,
     for the models it applies to) the layers' norms, residual adds, rotary embedding, K/V write
     and SiLU gate run as C kernels, and q/k/v (gate/up) are one call where the runner fused them;
     attention is the same backend either way.

@@ -6,7 +6,7 @@ quarter of a decode step (`python -m bench.step_profile`). `kernels/paged_decode
 sequence's keys and values once, through its block table, for all the query heads of a KV head.
 Prefill chunks keep SDPA (they are compute-bound, where its fused kernel is good).
 
-The kernel is built on first use (`parallel.cpu_kernels`). Without a compiler, `auto` falls back
+The kernel is built on first use (`parallel.model.cpu_kernels`). Without a compiler, `auto` falls back
 to `gather_sdpa` and says so once in the log.
 """
 
@@ -17,8 +17,8 @@ import logging
 
 import torch
 
-from parallel.attention import DecodeGroup, PagedAttention, Prefill, attend_prefills, gather_sdpa
-from parallel.cpu_kernels import KernelLibrary, KernelUnavailable
+from parallel.model.attention import DecodeGroup, PagedAttention, Prefill, attend_prefills, gather_sdpa
+from parallel.model.cpu_kernels import KernelLibrary, KernelUnavailable
 
 logger = logging.getLogger(__name__)
 

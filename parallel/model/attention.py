@@ -7,7 +7,7 @@ chunks. `gather_sdpa`, the backend every device has, gathers each group's blocks
 padded tensor and calls torch's scaled_dot_product_attention, which dispatches to its fused CPU
 kernel (and on cuda to flash or memory-efficient attention). A paged kernel that reads the blocks
 in place (vLLM's and FlashInfer's shape: block tables and context lengths) takes the same
-arguments and skips the gather: `parallel.cpu_attention.cpu_paged` does so for CPU decode tokens.
+arguments and skips the gather: `parallel.model.cpu_attention.cpu_paged` does so for CPU decode tokens.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def gather_sdpa(
     """Each decode group's blocks gathered and attended to in one padded SDPA call; each
     prefill chunk in one causal call (over its own K/V, or its blocks when it continues a
     sequence). The gather is the cost a paged kernel saves (a quarter of a decode step at batch
-    16 on CPU: bench/step_profile.py; parallel/cpu_attention.py reads the blocks in place)."""
+    16 on CPU: bench/step_profile.py; parallel/model/cpu_attention.py reads the blocks in place)."""
     kv_heads, d = k_blocks.shape[2], k_blocks.shape[3]
     out = torch.empty_like(q)
     for group in decode_groups:

@@ -24,8 +24,8 @@ import logging
 import torch
 from torch import nn
 
-from parallel.architectures import Architecture
-from parallel.cpu_kernels import KernelLibrary, KernelUnavailable
+from parallel.model.architectures import Architecture
+from parallel.model.cpu_kernels import KernelLibrary, KernelUnavailable
 
 logger = logging.getLogger(__name__)
 
