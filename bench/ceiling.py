@@ -18,8 +18,8 @@ from transformers import DynamicCache
 
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import SamplingSpec
+from parallel.runners.local_runner import LocalModelRunner
 
 
 def load_runner(

@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from parallel.builtin_models import ensure_builtin_model, is_builtin
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SampledToken, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.local_runner import LocalModelRunner
 from parallel.shaped_models import write_shaped_checkpoint
 
 MODELS = (

@@ -31,8 +31,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from bench.ceiling import engine_decode_tokens_per_s
 from deployments.config import ShardserveArgs
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import ModelInfo, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.local_runner import LocalModelRunner
 
 GIB = 2**30
 _LLAMA3 = {"model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,

@@ -67,8 +67,8 @@ def main() -> None:
     import ray
 
     from deployments.config import ShardserveArgs
-    from parallel.distributed_runner import DistributedModelRunner
-    from parallel.local_runner import LocalModelRunner
+    from parallel.runners.distributed_runner import DistributedModelRunner
+    from parallel.runners.local_runner import LocalModelRunner
 
     batch, prompt_len, steps = (4, 32, 8) if args.quick else (16, 128, 32)
     configs = [(1, 1, 0), (2, 1, 0), (1, 2, 0), (1, 2, 1), (2, 2, 0)]

@@ -20,10 +20,10 @@ import torch
 
 from bench.ceiling import load_runner
 from deployments.config import ShardserveArgs
-from parallel.local_runner import LocalModelRunner
 from parallel.model.cpu_attention import BACKENDS
 from parallel.model.sampling import sample_step
 from parallel.runner import SamplingSpec, SequenceStep, StepInput
+from parallel.runners.local_runner import LocalModelRunner
 
 BLOCK_SIZE = ShardserveArgs(model="shardserve/bench-llama").kv_cache_spec().block_size
 

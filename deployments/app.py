@@ -18,7 +18,7 @@ from deployments.llm_server import LLMServer
 from deployments.metrics import MetricsHub
 from parallel import model_repository
 from parallel.model_repository import select_versions
-from parallel.placement import replica_bundles, unplaceable_reason
+from parallel.runners.placement import replica_bundles, unplaceable_reason
 
 RAY_HIGH_THROUGHPUT_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 """Ray Serve's high-throughput mode (Ray 2.55+, documented in Ray's KubeRay guide), exported

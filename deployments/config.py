@@ -12,8 +12,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parallel.placement import ParallelSpec
 from parallel.runner import KVCacheSpec, ModelSpec
+from parallel.runners.placement import ParallelSpec
 
 
 class StrictModel(BaseModel):

@@ -47,11 +47,11 @@ from deployments.types import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import resolve_model_dir
-from parallel.local_runner import LocalModelRunner
-from parallel.model_process import ProcessModelRunner
 from parallel.runner import ModelInfo, ModelRunner
+from parallel.runners.distributed_runner import DistributedModelRunner
+from parallel.runners.local_runner import LocalModelRunner
+from parallel.runners.model_process import ProcessModelRunner
 
 logger = logging.getLogger("ray.serve")
 

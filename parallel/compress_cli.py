@@ -27,8 +27,8 @@ from typing import Any
 from parallel import model_repository
 from parallel.compression import CompressionSpec, compress, save_compressed
 from parallel.loading import resolve_model_dir
-from parallel.local_runner import load_hf_model
 from parallel.runner import ModelSpec
+from parallel.runners.local_runner import load_hf_model
 from parallel.validation import DEFAULT_PROMPTS, compare, measure
 
 

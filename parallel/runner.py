@@ -59,7 +59,7 @@ class SamplingSpec:
 @dataclass(frozen=True)
 class KVCacheSpec:
     """How big the paged KV pool is: an explicit block count, an explicit memory budget, or
-    else `memory_fraction` of the memory free once the weights are loaded (parallel/kv_sizing.py),
+    else `memory_fraction` of the memory free once the weights are loaded (parallel/runners/kv_sizing.py),
     never more than `max_num_seqs` sequences of the whole context need."""
 
     block_size: int

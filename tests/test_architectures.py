@@ -25,11 +25,11 @@ from transformers import AutoModelForCausalLM
 
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import ModelLoadError, load_model_config
-from parallel.local_runner import LocalModelRunner
 from parallel.model.architectures import supported_names
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.distributed_runner import DistributedModelRunner
+from parallel.runners.local_runner import LocalModelRunner
 from parallel.shaped_models import write_shaped_checkpoint
 
 from .conftest import kernels_expected, wait_until

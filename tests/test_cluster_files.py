@@ -19,7 +19,7 @@ from deployments.app import llm_server_options
 from deployments.config import ShardserveArgs
 from deployments.metrics import EngineMetrics, IngressMetrics
 from deployments.types import EngineStats
-from parallel.placement import unplaceable_reason
+from parallel.runners.placement import unplaceable_reason
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"

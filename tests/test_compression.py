@@ -12,8 +12,8 @@ import torch
 from parallel import model_repository
 from parallel.compress_cli import cpu_spec, main
 from parallel.compression import Int8Linear, target_linears
-from parallel.local_runner import LocalModelRunner, load_hf_model
 from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.local_runner import LocalModelRunner, load_hf_model
 
 SOURCE = "shardserve/tiny-llama"
 

@@ -19,8 +19,8 @@ from deployments.checkpoint import ServedCheckpoint
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel.builtin_models import SHIPPED_MODELS
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import SamplingSpec
+from parallel.runners.local_runner import LocalModelRunner
 from tools.doc_corpus import Corpus, python_docs
 from tools.train_default_model import Trainer, TrainSettings, mean_loss
 

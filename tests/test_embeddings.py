@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from parallel.loading import resolve_model_dir
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
+from parallel.runners.local_runner import LocalModelRunner
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
 TEXTS = ["The quick brown fox", "jumps over the lazy dog", "The quick brown fox"]

@@ -15,8 +15,8 @@ from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.loading import ModelLoadError, resolve_model_dir
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
+from parallel.runners.local_runner import LocalModelRunner
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
 GREEDY = SamplingSpec()
@@ -258,7 +258,7 @@ import sys, asyncio
 sys.modules["ray"] = None  # any import of ray (or ray.serve) now raises ImportError
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.local_runner import LocalModelRunner
+from parallel.runners.local_runner import LocalModelRunner
 from parallel.runner import SamplingSpec
 args = ShardserveArgs(model="shardserve/tiny-llama", max_model_len=64)
 runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())

@@ -156,7 +156,7 @@ def test_without_a_compiler_the_layers_run_eagerly(tmp_path: Path) -> None:
         "import logging\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "from deployments.config import ShardserveArgs\n"
-        "from parallel.local_runner import LocalModelRunner\n"
+        "from parallel.runners.local_runner import LocalModelRunner\n"
         f"args = ShardserveArgs(model={str(model)!r}, attention_backend='gather_sdpa')\n"
         "runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())\n"
         "print(runner.load().fused_ops)\n"

@@ -1,6 +1,6 @@
 """The model in a process of its own (`engine.model_process`, the default for one rank): the same
 tokens as in the replica's process, its faults as step errors, nothing left behind. No Ray: the
-runner is started the way a replica starts it, as a `python -m parallel.model_process` child."""
+runner is started the way a replica starts it, as a `python -m parallel.runners.model_process` child."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from parallel.loading import ModelLoadError
-from parallel.local_runner import LocalModelRunner
-from parallel.model_process import ModelProcessDied, ProcessModelRunner
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.local_runner import LocalModelRunner
+from parallel.runners.model_process import ModelProcessDied, ProcessModelRunner
 from tests.conftest import wait_until
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
@@ -37,7 +37,7 @@ async def generate(runner, info, samplings) -> list[list[int]]:
 
 
 def children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children() if "parallel.model_process" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process().children() if "parallel.runners.model_process" in " ".join(p.cmdline())]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOAD = """
 import json, parallel
 from deployments.config import ShardserveArgs
-from parallel.local_runner import LocalModelRunner
+from parallel.runners.local_runner import LocalModelRunner
 args = ShardserveArgs(model="shardserve/tiny-llama", max_model_len=64)
 info = LocalModelRunner(args.model_spec(), args.kv_cache_spec()).load()
 print(json.dumps({"from": parallel.__file__, "attention": info.attention_backend, "fused_ops": info.fused_ops}))

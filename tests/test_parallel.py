@@ -24,10 +24,10 @@ from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
 from parallel import model_repository
 from parallel.compress_cli import main as compress_main
-from parallel.distributed_runner import DistributedModelRunner
 from parallel.loading import ModelLoadError
-from parallel.local_runner import LocalModelRunner
 from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
+from parallel.runners.distributed_runner import DistributedModelRunner
+from parallel.runners.local_runner import LocalModelRunner
 
 from .conftest import TEST_ARGS, wait_until
 

@@ -6,7 +6,7 @@ import pytest
 
 from deployments.app import llm_server_options
 from deployments.config import ShardserveArgs
-from parallel.placement import ParallelLayout, check_heads, replica_bundles
+from parallel.runners.placement import ParallelLayout, check_heads, replica_bundles
 
 
 def test_ranks_map_to_stage_and_tp_rank() -> None:
@@ -53,7 +53,7 @@ def test_sharded_replica_reserves_its_ranks() -> None:
 
 
 def test_unplaceable_reason_names_the_missing_resource() -> None:
-    from parallel.placement import unplaceable_reason
+    from parallel.runners.placement import unplaceable_reason
 
     bundles = replica_bundles(4, 2.0, 0.0, 1)  # 9 CPUs in all
     two_nodes = [{"CPU": 8.0}, {"CPU": 8.0}]

@@ -75,7 +75,7 @@ def model_process_pids() -> dict[str, int]:
     """The model process (`engine.model_process`) of each replica of the app."""
     out = {}
     for actor_id, pid in replica_pids().items():
-        (child,) = [c for c in psutil.Process(pid).children() if "parallel.model_process" in " ".join(c.cmdline())]
+        (child,) = [c for c in psutil.Process(pid).children() if "parallel.runners.model_process" in " ".join(c.cmdline())]
         out[actor_id] = child.pid
     return out
 

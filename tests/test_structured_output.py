@@ -20,9 +20,9 @@ from deployments.engine.grammar import ConstraintCompiler
 from deployments.errors import InvalidRequest
 from deployments.types import StructuredOutput
 from parallel.loading import resolve_model_dir
-from parallel.local_runner import LocalModelRunner
 from parallel.model.sampling import sample_batch
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
+from parallel.runners.local_runner import LocalModelRunner
 
 SPEC = ModelSpec("shardserve/tiny-llama", None, "float32", False, 256, "cpu")
 PERSON = {

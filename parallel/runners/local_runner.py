@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
-from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.loading import (
     DTYPES,
     ModelLoadError,
@@ -33,6 +32,7 @@ from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, kv_shape
 from parallel.model.sampling import sample_step
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
 from parallel.validation import weight_bytes
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ sequences measured 10.4 ms on one torch thread alone, and 21 ms with a Python th
 the time in the same process. With that thread in another process it stayed at 10.7 ms. vLLM's
 CPU backend runs its engine core in a process of its own for the same reason.
 
-The child is a plain `python -m parallel.model_process` with no Ray in it. It runs a
+The child is a plain `python -m parallel.runners.model_process` with no Ray in it. It runs a
 `LocalModelRunner` (the same load and forward code) with `threads` torch threads. It gets
 (method, argument) pairs over a socket and answers (ok, value). It exits when the replica closes
 the socket, and the kernel kills it if the replica dies first (Linux's parent-death signal). A
@@ -56,7 +56,7 @@ class ProcessModelRunner:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "OMP_NUM_THREADS": str(self._threads)}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "parallel.model_process", str(theirs.fileno())],
+            [sys.executable, "-m", "parallel.runners.model_process", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),),
             env=env,
         )
@@ -135,7 +135,7 @@ def _die_with_parent() -> None:
 
 def _serve(conn: Connection) -> None:
     """The child's loop: calls in order until the replica closes the socket."""
-    from parallel.local_runner import LocalModelRunner
+    from parallel.runners.local_runner import LocalModelRunner
 
     runner: LocalModelRunner | None = None
     while True:

@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from parallel.int8_shards import requantize_shards
-from parallel.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.loading import DTYPES, load_model_config
 from parallel.model.architectures import architecture_of
 from parallel.model.cpu_attention import attention_backend
@@ -29,8 +28,9 @@ from parallel.model.host_memory import retain_freed_memory
 from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
 from parallel.model.sampling import sample_step
-from parallel.placement import ParallelLayout, RankPlacement
 from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes
+from parallel.runners.placement import ParallelLayout, RankPlacement
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class RankWorker:
         groups = [dist.new_group(layout.stage_ranks(s)) for s in range(layout.pipeline_parallel_size)]
         tp_group = groups[placement.stage]
 
-        from parallel.stage_loading import load_stage
+        from parallel.runners.stage_loading import load_stage
 
         path, hf_config = load_model_config(spec)
         dtype = DTYPES[spec.dtype]
