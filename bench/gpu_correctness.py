@@ -2,7 +2,7 @@
 
 Part 1 of `python -m bench.gpu`. For each model (the built-in ones, and checkpoints shaped like
 Llama 3.2 with its llama3 rope scaling, Qwen3 with q/k norms, Mistral with a sliding window and
-Gemma 3 with local and global layers: `parallel.shaped_models`), on the bench's device:
+Gemma 3 with local and global layers: `parallel.checkpoints.shaped_models`), on the bench's device:
 
 - float32, then bfloat16: the engine's logits after each prompt against transformers' eager
   forward in the same dtype, and its greedy tokens against transformers' (a whole forward per
@@ -29,10 +29,10 @@ from transformers import AutoModelForCausalLM
 
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from parallel.builtin_models import ensure_builtin_model, is_builtin
+from parallel.checkpoints.builtin_models import ensure_builtin_model, is_builtin
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 from parallel.runner import KVCacheSpec, ModelSpec, SampledToken, SamplingSpec, SequenceStep, StepInput
 from parallel.runners.local_runner import LocalModelRunner
-from parallel.shaped_models import write_shaped_checkpoint
 
 MODELS = (
     "shardserve/doc-llama",

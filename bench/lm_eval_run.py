@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "lm_eval.json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from parallel.loading import resolve_model_dir
+    from parallel.checkpoints.loading import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
     lm_eval_command()

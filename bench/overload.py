@@ -224,7 +224,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from bench import workload
-    from parallel.loading import resolve_model_dir
+    from parallel.checkpoints.loading import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -173,7 +173,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from bench import workload
-    from parallel.loading import resolve_model_dir
+    from parallel.checkpoints.loading import resolve_model_dir
 
     model_dir = str(resolve_model_dir(args.model))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -411,7 +411,7 @@ def bare_prefill(model: str, reqs) -> dict[str, float]:
     from transformers import AutoTokenizer
 
     from bench.ceiling import load_runner, prefill_seconds
-    from parallel.loading import resolve_model_dir
+    from parallel.checkpoints.loading import resolve_model_dir
 
     runner, _ = load_runner(model, fused_ops=False)  # transformers' forward over the model's own layers
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))

@@ -16,8 +16,8 @@ from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
 from deployments.llm_server import LLMServer
 from deployments.metrics import MetricsHub
-from parallel import model_repository
-from parallel.model_repository import select_versions
+from parallel.checkpoints import model_repository
+from parallel.checkpoints.model_repository import select_versions
 from parallel.runners.placement import replica_bundles, unplaceable_reason
 
 RAY_HIGH_THROUGHPUT_ENV: dict[str, str] = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}

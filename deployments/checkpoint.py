@@ -25,7 +25,7 @@ from deployments.config import ShardserveArgs
 from deployments.errors import InvalidRequest
 from deployments.tools import Tool
 from deployments.types import ChatMessage, SamplingDefaults
-from parallel.loading import checkpoint_fingerprint, generation_config
+from parallel.checkpoints.loading import checkpoint_fingerprint, generation_config
 from parallel.runner import ModelInfo
 
 

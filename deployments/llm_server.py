@@ -47,7 +47,7 @@ from deployments.types import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from parallel.loading import resolve_model_dir
+from parallel.checkpoints.loading import resolve_model_dir
 from parallel.runner import ModelInfo, ModelRunner
 from parallel.runners.distributed_runner import DistributedModelRunner
 from parallel.runners.local_runner import LocalModelRunner

@@ -1,7 +1,7 @@
 """Every registered architecture against transformers' own forward (eager attention).
 
 The models are small random-weight checkpoints built from real checkpoints' config.json fields
-(parallel/shaped_models.py): Llama 2 / 3 / 3.2 (rope scaling `llama3`, tied embeddings, GQA, MHA),
+(parallel/checkpoints/shaped_models.py): Llama 2 / 3 / 3.2 (rope scaling `llama3`, tied embeddings, GQA, MHA),
 Mistral (sliding window 32), Qwen2.5 (q/k/v bias), Qwen3 (q/k norms, head_dim 32 with hidden 64),
 Gemma 3 (local/global layers, per-layer rotary, sandwich norms). Prompts are longer than every
 window and generation runs past it; each is checked with whole and chunked prefill and again with
@@ -25,12 +25,12 @@ from transformers import AutoModelForCausalLM
 
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.loading import ModelLoadError, load_model_config
+from parallel.checkpoints.loading import ModelLoadError, load_model_config
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 from parallel.model.architectures import supported_names
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.runners.distributed_runner import DistributedModelRunner
 from parallel.runners.local_runner import LocalModelRunner
-from parallel.shaped_models import write_shaped_checkpoint
 
 from .conftest import kernels_expected, wait_until
 

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from bench import workload
 from bench.ceiling import engine_decode_tokens_per_s, load_runner, raw_decode_tokens_per_s
 from bench.serving import render
-from parallel.builtin_models import ensure_builtin_model
+from parallel.checkpoints.builtin_models import ensure_builtin_model
 
 
 def test_workloads_are_seeded_and_within_ranges() -> None:

@@ -14,11 +14,11 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from deployments.app import llm_server_options, nested, replica_demand
 from deployments.config import ShardserveArgs
 from deployments.types import GenerateRequest, SamplingDefaults
-from parallel.loading import ModelLoadError, checkpoint_fingerprint, eos_token_ids, generation_config
+from parallel.checkpoints.loading import ModelLoadError, checkpoint_fingerprint, eos_token_ids, generation_config
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 from parallel.model.sampling import sample_batch
 from parallel.runner import KVCacheSpec, SamplingSpec
 from parallel.runners.kv_sizing import PoolPlan, plan_pool, served_context
-from parallel.shaped_models import write_shaped_checkpoint
 
 GIB = 2**30
 

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deployments.app import bind_app, build_app
 from deployments.config import ShardserveArgs
 from deployments.types import GenerateRequest
-from parallel.shaped_models import write_shaped_checkpoint
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 
 from .conftest import TEST_ARGS, wait_until
 

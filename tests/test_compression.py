@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel import model_repository
-from parallel.compress_cli import cpu_spec, main
-from parallel.compression import Int8Linear, target_linears
+from parallel.checkpoints import model_repository
+from parallel.checkpoints.compress_cli import cpu_spec, main
+from parallel.checkpoints.compression import Int8Linear, target_linears
 from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.runners.local_runner import LocalModelRunner, load_hf_model
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from deployments.checkpoint import ServedCheckpoint
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.builtin_models import SHIPPED_MODELS
+from parallel.checkpoints.builtin_models import SHIPPED_MODELS
 from parallel.runner import SamplingSpec
 from parallel.runners.local_runner import LocalModelRunner
 from tools.doc_corpus import Corpus, python_docs

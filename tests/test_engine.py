@@ -14,7 +14,7 @@ import torch
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
 from deployments.errors import InvalidRequest, Overloaded
-from parallel.loading import ModelLoadError, resolve_model_dir
+from parallel.checkpoints.loading import ModelLoadError, resolve_model_dir
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
 from parallel.runners.local_runner import LocalModelRunner
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from deployments.app import RAY_HIGH_THROUGHPUT_ENV
-from parallel.shaped_models import write_shaped_checkpoint
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 from tools.doc_corpus import python_docs
 
 from .conftest import free_port, wait_until

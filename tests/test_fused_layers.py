@@ -16,11 +16,11 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
+from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 from parallel.model.architectures import architecture_of
 from parallel.model.fused_layers import LAYER_OPS, FusedLayerOps, ProjectionSlice, fuse_projections, fused_layer_ops
 from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import apply_rotary
-from parallel.shaped_models import write_shaped_checkpoint
 
 from .conftest import needs_c_compiler as needs_kernels
 

@@ -14,7 +14,7 @@ import torch
 
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from parallel.loading import ModelLoadError
+from parallel.checkpoints.loading import ModelLoadError
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.runners.local_runner import LocalModelRunner
 from parallel.runners.model_process import ModelProcessDied, ProcessModelRunner

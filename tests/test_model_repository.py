@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from deployments.app import served_versions
 from deployments.config import ShardserveArgs
-from parallel import model_repository
-from parallel.model_repository import select_versions
+from parallel.checkpoints import model_repository
+from parallel.checkpoints.model_repository import select_versions
 
 
 def test_version_policies() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from parallel.compress_cli import main as shardserve_cli
+from parallel.checkpoints.compress_cli import main as shardserve_cli
 
 from .conftest import TEST_ARGS, wait_until
 from .test_metrics import scrape

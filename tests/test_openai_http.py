@@ -219,7 +219,7 @@ def test_neutral_values_of_unhonoured_fields_pass(openai_client) -> None:
 def test_logit_bias_forces_and_bans_tokens(openai_client, http) -> None:
     from transformers import AutoTokenizer
 
-    from parallel.loading import resolve_model_dir
+    from parallel.checkpoints.loading import resolve_model_dir
 
     tok = AutoTokenizer.from_pretrained(resolve_model_dir("shardserve/tiny-llama"))
     common = dict(model="tiny-llama", prompt=PROMPT, max_tokens=6, extra_body={"cache": False})

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from deployments.engine.output import OutputText
-from parallel.builtin_models import ensure_builtin_model
+from parallel.checkpoints.builtin_models import ensure_builtin_model
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from ray._private import state as gcs_state
 from deployments.app import bind_app
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel import model_repository
-from parallel.compress_cli import main as compress_main
-from parallel.loading import ModelLoadError
+from parallel.checkpoints import model_repository
+from parallel.checkpoints.compress_cli import main as compress_main
+from parallel.checkpoints.loading import ModelLoadError
 from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
 from parallel.runners.distributed_runner import DistributedModelRunner
 from parallel.runners.local_runner import LocalModelRunner

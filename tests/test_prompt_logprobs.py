@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from parallel.loading import resolve_model_dir
+from parallel.checkpoints.loading import resolve_model_dir
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
 from parallel.runners.local_runner import LocalModelRunner
 

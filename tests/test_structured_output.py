@@ -19,7 +19,7 @@ from deployments.engine.engine import LLMEngine
 from deployments.engine.grammar import ConstraintCompiler
 from deployments.errors import InvalidRequest
 from deployments.types import StructuredOutput
-from parallel.loading import resolve_model_dir
+from parallel.checkpoints.loading import resolve_model_dir
 from parallel.model.sampling import sample_batch
 from parallel.runner import KVCacheSpec, ModelSpec, SamplingSpec
 from parallel.runners.local_runner import LocalModelRunner

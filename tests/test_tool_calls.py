@@ -262,7 +262,7 @@ def test_shaped_checkpoints_offer_tools_and_show_calls_in_their_own_format(tmp_p
     from deployments.checkpoint import ServedCheckpoint
     from deployments.config import ShardserveArgs
     from deployments.types import ChatMessage
-    from parallel.shaped_models import write_shaped_checkpoint
+    from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 
     path = write_shaped_checkpoint(shape, tmp_path / shape)
     checkpoint = ServedCheckpoint.open(path, ShardserveArgs(model=str(path)))
@@ -280,7 +280,7 @@ def test_a_template_without_tools_refuses_them(tmp_path) -> None:
     from deployments.config import ShardserveArgs
     from deployments.errors import InvalidRequest
     from deployments.types import ChatMessage
-    from parallel.shaped_models import write_shaped_checkpoint
+    from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 
     path = write_shaped_checkpoint("llama-3-8b-instruct", tmp_path / "llama3")
     checkpoint = ServedCheckpoint.open(path, ShardserveArgs(model=str(path)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel.builtin_models import ensure_builtin_model
+from parallel.checkpoints.builtin_models import ensure_builtin_model
 
 
 class _Payload:
@@ -48,9 +48,9 @@ def loaded(checkpoints: dict[str, Path]) -> dict[str, str]:
     """What loading each checkpoint printed, in one fresh Python under PYTHONOPTIMIZE=1."""
     script = (
         "import sys\n"
-        "from parallel.compress_cli import cpu_spec\n"
+        "from parallel.checkpoints.compress_cli import cpu_spec\n"
         "from parallel.runners.local_runner import load_hf_model\n"
-        "from parallel.loading import ModelLoadError\n"
+        "from parallel.checkpoints.loading import ModelLoadError\n"
         "for name, path in zip(sys.argv[1::2], sys.argv[2::2]):\n"
         "    try:\n"
         "        load_hf_model(cpu_spec(path, 'float32'))\n"

@@ -1,7 +1,7 @@
 """Train `shardserve/doc-llama`, a small Llama model of the Python documentation, from nothing but
 the running interpreter: its pydoc topics and the standard library's docstrings (`tools.doc_corpus`).
 
-    python -m tools.train_default_model                    # the recorded settings, into parallel/doc_llama
+    python -m tools.train_default_model                    # the recorded settings, into parallel/checkpoints/doc_llama
     python -m tools.train_default_model --out DIR --steps 50
 
 Deterministic: one seed for the tokenizer, the initial weights and the data order; a fixed
@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from parallel.builtin_models import SPECIAL_TOKENS, save_tokenizer, train_byte_bpe
+from parallel.checkpoints.builtin_models import SPECIAL_TOKENS, save_tokenizer, train_byte_bpe
 from tools.doc_corpus import Corpus, python_docs
 
-OUT = Path(__file__).resolve().parents[1] / "parallel" / "doc_llama"
+OUT = Path(__file__).resolve().parents[1] / "parallel" / "checkpoints" / "doc_llama"
 EOS_ID = SPECIAL_TOKENS.index("</s>")
 
 

@@ -25,7 +25,7 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from safetensors import safe_open
 
-from parallel.loading import ModelLoadError, context_window, eos_token_ids, generation_config, load_model_config
+from parallel.checkpoints.loading import ModelLoadError, context_window, eos_token_ids, generation_config, load_model_config
 from parallel.runner import KVCacheSpec, ModelInfo, ModelSpec, SampledToken, StepInput, StepOutput
 from parallel.runners.kv_sizing import PoolPlan, plan_pool, served_context
 from parallel.runners.placement import ParallelLayout, ParallelSpec, check_heads, replica_bundles

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parallel.loading import ModelLoadError
+from parallel.checkpoints.loading import ModelLoadError
 from parallel.runner import KVCacheSpec
 
 MIN_CONTEXT_TOKENS = 16

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.compression import QUANT_KEY, Int8Linear, install_int8_linears
-from parallel.loading import (
+from parallel.checkpoints.compression import QUANT_KEY, Int8Linear, install_int8_linears
+from parallel.checkpoints.loading import (
     DTYPES,
     ModelLoadError,
     ModelSpec,
@@ -24,6 +24,7 @@ from parallel.loading import (
     generation_config,
     load_model_config,
 )
+from parallel.checkpoints.validation import weight_bytes
 from parallel.model.architectures import architecture_of
 from parallel.model.cpu_attention import attention_backend
 from parallel.model.fused_layers import fuse_projections, fused_layer_ops
@@ -33,7 +34,6 @@ from parallel.model.paged_model import PagedCausalLM, PagedKVCache, kv_shape
 from parallel.model.sampling import sample_step
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
-from parallel.validation import weight_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from parallel.int8_shards import requantize_shards
-from parallel.loading import DTYPES, load_model_config
+from parallel.checkpoints.int8_shards import requantize_shards
+from parallel.checkpoints.loading import DTYPES, load_model_config
 from parallel.model.architectures import architecture_of
 from parallel.model.cpu_attention import attention_backend
 from parallel.model.fused_layers import fused_layer_ops

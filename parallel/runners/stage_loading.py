@@ -4,7 +4,7 @@ The model skeleton is built on the meta device (no memory), cut down to the stag
 layers (plus embeddings on the first stage, final norm and LM head on the last), and only the
 tensors those modules own are read from the safetensors files. A rank never holds the whole
 model, which is the point of pipeline parallelism. Int8 versions are read as dequantized float
-weights plus their scales, for `parallel.int8_shards` to quantize again once sharded.
+weights plus their scales, for `parallel.checkpoints.int8_shards` to quantize again once sharded.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from parallel.compression import QUANT_KEY, dequantize
-from parallel.loading import ModelLoadError
+from parallel.checkpoints.compression import QUANT_KEY, dequantize
+from parallel.checkpoints.loading import ModelLoadError
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parallel.builtin_models import spread_weights, train_byte_bpe
-from parallel.chat_templates import (
+from parallel.checkpoints.builtin_models import spread_weights, train_byte_bpe
+from parallel.checkpoints.chat_templates import (
     GEMMA3_TEMPLATE,
     LLAMA2_TEMPLATE,
     LLAMA3_TEMPLATE,

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from parallel.compression import dequantize, quantize_rows
-from parallel.loading import ModelLoadError
+from parallel.checkpoints.compression import dequantize, quantize_rows
+from parallel.checkpoints.loading import ModelLoadError
 
 
 class _Dequantize(nn.Module):

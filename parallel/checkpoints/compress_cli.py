@@ -24,12 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from parallel import model_repository
-from parallel.compression import CompressionSpec, compress, save_compressed
-from parallel.loading import resolve_model_dir
+from parallel.checkpoints import model_repository
+from parallel.checkpoints.compression import CompressionSpec, compress, save_compressed
+from parallel.checkpoints.loading import resolve_model_dir
+from parallel.checkpoints.validation import DEFAULT_PROMPTS, compare, measure
 from parallel.runner import ModelSpec
 from parallel.runners.local_runner import load_hf_model
-from parallel.validation import DEFAULT_PROMPTS, compare, measure
 
 
 def log(msg: str) -> None:
@@ -111,7 +111,7 @@ def cpu_spec(model_dir: Path, dtype: str) -> ModelSpec:
 
 
 def sparsity(model: Any) -> float:
-    from parallel.compression import target_linears
+    from parallel.checkpoints.compression import target_linears
 
     weights = [m.weight for m in target_linears(model).values()]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)

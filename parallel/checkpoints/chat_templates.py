@@ -1,5 +1,5 @@
 """Chat templates in the shapes real checkpoints ship them, tool turns included, for the shaped
-checkpoints of parallel/shaped_models.py.
+checkpoints of parallel/checkpoints/shaped_models.py.
 
 Each is written here in its family's format rather than copied: the same special tokens, the same
 places for the system prompt, the offered tools, the assistant's calls and the tools' results, so

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from parallel.builtin_models import ensure_builtin_model, is_builtin
+from parallel.checkpoints.builtin_models import ensure_builtin_model, is_builtin
 from parallel.model.architectures import UnsupportedArchitecture, architecture_of
 from parallel.runner import ModelSpec
 
