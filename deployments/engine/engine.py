@@ -14,17 +14,13 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import TYPE_CHECKING
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
-from deployments.engine.scheduler import Scheduled, Scheduler, Sequence
+from deployments.engine.scheduler import Constraint, Scheduled, Scheduler, Sequence
 from deployments.errors import EngineFault, Overloaded
 from deployments.types import EngineStats
 from parallel.runner import ModelInfo, ModelRunner, SampledToken, SamplingSpec, SequenceStep, StepInput, StepOutput
-
-if TYPE_CHECKING:  # xgrammar only where a request asks for structured output: a GPU box without it still runs the engine
-    from deployments.engine.grammar import Constraint
 
 logger = logging.getLogger(__name__)
 

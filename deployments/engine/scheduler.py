@@ -15,15 +15,40 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.runner import SampledToken, SamplingSpec
 
-if TYPE_CHECKING:  # see engine.py: xgrammar is imported where grammars are compiled
-    from deployments.engine.grammar import ConstraintState
+if TYPE_CHECKING:
+    import torch
+
+
+class ConstraintState(Protocol):
+    """Where one output is in its constraint (structured output: the replica compiles grammars
+    and starts one state per output). The engine asks which tokens may come next and says which
+    one came; it knows nothing of grammars (nor imports xgrammar)."""
+
+    def allowed_tokens(self) -> torch.Tensor:
+        """Packed 32 to an int32 (bit j of word i: token 32i+j)."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past a sampled token; False if the constraint does not allow it."""
+        ...
+
+    @property
+    def finished(self) -> bool:
+        """Complete: nothing more may follow."""
+        ...
+
+
+class Constraint(Protocol):
+    def start(self) -> ConstraintState:
+        """The state of one new output that follows the constraint."""
+        ...
 
 _ids = itertools.count()
 
