@@ -14,8 +14,8 @@ from ray.serve import Application
 
 from deployments.config import ShardserveArgs
 from deployments.ingress import Ingress
-from deployments.llm_server import LLMServer
 from deployments.metrics import MetricsHub
+from deployments.replica.llm_server import LLMServer
 from parallel.checkpoints import model_repository
 from parallel.checkpoints.model_repository import select_versions
 from parallel.runners.placement import replica_bundles, unplaceable_reason

@@ -1,6 +1,6 @@
 """Function tools as OpenAI's chat API spells them: what a request offers the model, and the
 calls an answer makes. Plain data; how calls are constrained and parsed is in
-deployments/engine/tool_calls.py."""
+deployments/replica/tool_calls.py."""
 
 from __future__ import annotations
 

@@ -262,8 +262,8 @@ def test_chat_templates_as_checkpoints_ship_them(tmp_path: Path) -> None:
     adds its default system prompt, Gemma folds the system turn into the first user turn); a base
     checkpoint without a template, and turns a template refuses, are 400s that say why (the
     HTTP answer of the former: `test_a_changed_checkpoint_...`, whose checkpoint is a base one)."""
-    from deployments.checkpoint import ServedCheckpoint
     from deployments.errors import InvalidRequest
+    from deployments.replica.checkpoint import ServedCheckpoint
     from deployments.types import ChatMessage
 
     def opened(shape: str) -> ServedCheckpoint:

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deployments.checkpoint import ServedCheckpoint
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
+from deployments.replica.checkpoint import ServedCheckpoint
 from parallel.checkpoints.builtin_models import SHIPPED_MODELS
 from parallel.runner import SamplingSpec
 from parallel.runners.local_runner import LocalModelRunner

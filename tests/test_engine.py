@@ -278,7 +278,7 @@ def test_a_widened_stream_interval_merges_chunks_and_keeps_every_token(loaded) -
     fewer chunks, the same tokens and text, the first and the last still sent at once."""
     from transformers import AutoTokenizer
 
-    from deployments.engine.output_stream import output_chunks
+    from deployments.replica.output_stream import output_chunks
     from deployments.types import GenerateRequest
 
     runner, info = loaded

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from deployments.engine.output import OutputText
+from deployments.replica.output import OutputText
 from parallel.checkpoints.builtin_models import ensure_builtin_model
 
 

@@ -16,8 +16,8 @@ from transformers import AutoTokenizer
 
 from deployments.config import EngineConfig
 from deployments.engine.engine import LLMEngine
-from deployments.engine.grammar import ConstraintCompiler
 from deployments.errors import InvalidRequest
+from deployments.replica.grammar import ConstraintCompiler
 from deployments.types import StructuredOutput
 from parallel.checkpoints.loading import resolve_model_dir
 from parallel.model.sampling import sample_batch

@@ -10,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 
-from deployments.engine.tool_calls import ToolCallStream, format_of, parse_tool_calls, tool_constraint
+from deployments.replica.tool_calls import ToolCallStream, format_of, parse_tool_calls, tool_constraint
 from deployments.tools import Tool, merged
 from deployments.types import GenerateRequest
 
@@ -259,8 +259,8 @@ HISTORY = [
 def test_shaped_checkpoints_offer_tools_and_show_calls_in_their_own_format(tmp_path, shape, fmt, offered, call, result) -> None:
     """Each family's template places the offered tools, the assistant's call and the tool's result
     where that family's checkpoints do; the call format parsed is the one its template teaches."""
-    from deployments.checkpoint import ServedCheckpoint
     from deployments.config import ShardserveArgs
+    from deployments.replica.checkpoint import ServedCheckpoint
     from deployments.types import ChatMessage
     from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 
@@ -276,9 +276,9 @@ def test_shaped_checkpoints_offer_tools_and_show_calls_in_their_own_format(tmp_p
 def test_a_template_without_tools_refuses_them(tmp_path) -> None:
     """Llama 3.0's and Gemma 3's templates never show tools to the model: offering them is a 400,
     not a request answered as if the model had seen them."""
-    from deployments.checkpoint import ServedCheckpoint
     from deployments.config import ShardserveArgs
     from deployments.errors import InvalidRequest
+    from deployments.replica.checkpoint import ServedCheckpoint
     from deployments.types import ChatMessage
     from parallel.checkpoints.shaped_models import write_shaped_checkpoint
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from transformers import PreTrainedTokenizerBase
 
 from deployments.engine.engine import LLMEngine
-from deployments.engine.output import OutputText, to_token_logprob
 from deployments.engine.scheduler import Sequence
+from deployments.replica.output import OutputText, to_token_logprob
 from deployments.types import FinishReason, GenerateChunk, GenerateRequest, TokenLogprob
 
 

@@ -21,17 +21,17 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.assignment import record_served
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
-from deployments.checkpoint import ServedCheckpoint
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from deployments.engine.grammar import Constraint, ConstraintCompiler
-from deployments.engine.output import normalized, prompt_logprobs
-from deployments.engine.output_stream import output_chunks
 from deployments.engine.scheduler import Sequence
-from deployments.engine.tool_calls import format_of, tool_constraint, with_tool_calls
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
 from deployments.limits import check_budget, check_in_vocabulary, check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
+from deployments.replica.checkpoint import ServedCheckpoint
+from deployments.replica.grammar import Constraint, ConstraintCompiler
+from deployments.replica.output import normalized, prompt_logprobs
+from deployments.replica.output_stream import output_chunks
+from deployments.replica.tool_calls import format_of, tool_constraint, with_tool_calls
 from deployments.streams import StreamRecorder, merge
 from deployments.tools import Tool
 from deployments.types import (
