@@ -27,6 +27,7 @@ from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from deployments.errors import Overloaded
+from deployments.served_flag import has_served
 
 # Statuses under which a deployment has replicas serving; under the others (UPDATING, UNHEALTHY,
 # DEPLOY_FAILED) the replica count decides.
@@ -102,32 +103,6 @@ class AppDeployments:
                 self._running = {n: d.replica_states.get("RUNNING", 0) for n, d in deployments.items()}
                 self._running_read_at = time.monotonic()
             return self._running.get(name, 0)
-
-
-_SERVED_NAMESPACE = "shardserve"
-
-
-def record_served(app: str, deployment: str) -> None:
-    """Called by a model replica once its model is loaded: this deployment has served. Kept in
-    the cluster's GCS key-value store, because a redeploy replaces every replica of the app,
-    the ingress included: a new ingress must still tell a rolling update's gap (old replica
-    stopped, new one loading: wait, as Serve has requests do) from a first load (answer 503).
-    Ray has no public key-value API; `ray.experimental.internal_kv` is what Ray's own libraries
-    use for such cluster-wide flags. A deployment deleted and created again under the same name
-    counts as having served: its first load then waits, as before this check existed."""
-    from ray.experimental.internal_kv import _internal_kv_put
-
-    _internal_kv_put(_served_key(app, deployment), b"1", namespace=_SERVED_NAMESPACE)
-
-
-def has_served(app: str, deployment: str) -> bool:
-    from ray.experimental.internal_kv import _internal_kv_exists
-
-    return bool(_internal_kv_exists(_served_key(app, deployment), namespace=_SERVED_NAMESPACE))
-
-
-def _served_key(app: str, deployment: str) -> str:
-    return f"served:{app}:{deployment}"
 
 
 def unavailable_error(status: str, message: str) -> Overloaded:

@@ -31,7 +31,7 @@ def test_one_apps_status_from_the_controller_client() -> None:
 
 
 def test_the_cluster_wide_served_flag() -> None:
-    """deployments/assignment.py: record_served / has_served (Ray has no public key-value API)."""
+    """deployments/served_flag.py: record_served / has_served (Ray has no public key-value API)."""
     from ray.experimental import internal_kv
 
     for name in ("_internal_kv_put", "_internal_kv_exists"):

@@ -19,7 +19,6 @@ import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from deployments.assignment import record_served
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
@@ -32,6 +31,7 @@ from deployments.replica.grammar import Constraint, ConstraintCompiler
 from deployments.replica.output import normalized, prompt_logprobs
 from deployments.replica.output_stream import output_chunks
 from deployments.replica.tool_calls import format_of, tool_constraint, with_tool_calls
+from deployments.served_flag import record_served
 from deployments.streams import StreamRecorder, merge
 from deployments.tools import Tool
 from deployments.types import (
@@ -76,7 +76,7 @@ class LLMServer:
         startup.lap("init_engine")
         self._created = int(time.time())
         context = serve.get_replica_context()
-        record_served(context.app_name, context.deployment)  # see deployments.assignment
+        record_served(context.app_name, context.deployment)  # see deployments.served_flag
         self._metrics = EngineMetrics(args.model_name, self._engine.counters)
         self._metrics.startup(startup.phases)
         self._metrics.model_info(self._info.dtype, self._info.attention_backend, self._info.fused_ops)
