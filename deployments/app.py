@@ -13,7 +13,7 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.config import ShardserveArgs
-from deployments.ingress import Ingress
+from deployments.ingress.ingress import Ingress
 from deployments.metrics import MetricsHub
 from deployments.replica.llm_server import LLMServer
 from parallel.checkpoints import model_repository

@@ -19,7 +19,7 @@ def test_the_request_router_names_come_from_the_public_module() -> None:
 
 
 def test_one_apps_status_from_the_controller_client() -> None:
-    """deployments/assignment.py: a deployment's status and message for the 503 bodies."""
+    """deployments/ingress/assignment.py: a deployment's status and message for the 503 bodies."""
     from ray.serve import context
 
     assert callable(getattr(context, "_get_global_client", None)), f"{RAY}: ray.serve.context._get_global_client"
@@ -41,7 +41,7 @@ def test_the_cluster_wide_served_flag() -> None:
 
 @pytest.mark.parametrize("response", ["DeploymentResponse", "DeploymentResponseGenerator"])
 def test_the_step_that_resolves_when_a_call_is_assigned(response: str) -> None:
-    """deployments/assignment.py: `assigned` watches it to answer 503 while no replica can serve
+    """deployments/ingress/assignment.py: `assigned` watches it to answer 503 while no replica can serve
     (without it the call would wait as Serve decides: the check degrades, it does not break)."""
     from ray.serve import handle
 
@@ -50,7 +50,7 @@ def test_the_step_that_resolves_when_a_call_is_assigned(response: str) -> None:
 
 
 def test_the_ingress_builds_its_app_at_replica_start() -> None:
-    """deployments/ingress.py: `@serve.ingress()` with no app calls __serve_build_asgi_app__."""
+    """deployments/ingress/ingress.py: `@serve.ingress()` with no app calls __serve_build_asgi_app__."""
     from ray.serve import api
 
     assert "__serve_build_asgi_app__" in inspect.getsource(api.ingress), f"{RAY}: serve.ingress() no longer defers the app"

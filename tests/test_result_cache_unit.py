@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from deployments.cache import MemoryBackend, ResultCache, replay
 from deployments.config import ResultCacheConfig
+from deployments.ingress.result_cache import MemoryBackend, ResultCache, replay
 from deployments.streams import StreamRecorder
 from deployments.types import CompletionOutput, GenerateChunk, GenerateRequest, GenerateResponse, Usage
 

@@ -24,13 +24,13 @@ from deployments.api import openai_routes, responses_routes, tfserving_routes
 from deployments.api.auth import ApiKeyAuth, load_keys
 from deployments.api.http_errors import HttpMetrics, RequestGuard, install_error_handlers, unwrap
 from deployments.api.json_body import TextJSONRoute
-from deployments.assignment import AppDeployments, PlacedCalls, cancelled_unless_finished, serve_refusals_as_503
-from deployments.cache import ResultCache, replay
 from deployments.config import ShardserveArgs
 from deployments.errors import ModelNotFound, Overloaded, ShardserveError
+from deployments.ingress.assignment import AppDeployments, PlacedCalls, cancelled_unless_finished, serve_refusals_as_503
+from deployments.ingress.model_cards import ModelCards
+from deployments.ingress.result_cache import ResultCache, replay
 from deployments.limits import check_request
 from deployments.metrics import IngressMetrics, MetricsPusher, replica_identity, snapshot
-from deployments.model_cards import ModelCards
 from deployments.streams import StreamRecorder
 from deployments.types import (
     EmbedRequest,

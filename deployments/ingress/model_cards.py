@@ -15,8 +15,8 @@ import time
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.assignment import AppDeployments, assigned, serve_refusals_as_503
 from deployments.errors import Overloaded
+from deployments.ingress.assignment import AppDeployments, assigned, serve_refusals_as_503
 from deployments.types import ModelCard
 
 
