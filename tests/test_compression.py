@@ -12,8 +12,9 @@ import torch
 from parallel.checkpoints import model_repository
 from parallel.checkpoints.compress_cli import cpu_spec, main
 from parallel.checkpoints.compression import Int8Linear, target_linears
+from parallel.checkpoints.loading import load_hf_model
 from parallel.runner import KVCacheSpec, SamplingSpec, SequenceStep, StepInput
-from parallel.runners.local_runner import LocalModelRunner, load_hf_model
+from parallel.runners.local_runner import LocalModelRunner
 
 SOURCE = "shardserve/tiny-llama"
 

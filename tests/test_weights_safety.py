@@ -49,7 +49,7 @@ def loaded(checkpoints: dict[str, Path]) -> dict[str, str]:
     script = (
         "import sys\n"
         "from parallel.checkpoints.compress_cli import cpu_spec\n"
-        "from parallel.runners.local_runner import load_hf_model\n"
+        "from parallel.checkpoints.loading import load_hf_model\n"
         "from parallel.checkpoints.loading import ModelLoadError\n"
         "for name, path in zip(sys.argv[1::2], sys.argv[2::2]):\n"
         "    try:\n"

@@ -26,10 +26,9 @@ from typing import Any
 
 from parallel.checkpoints import model_repository
 from parallel.checkpoints.compression import CompressionSpec, compress, save_compressed
-from parallel.checkpoints.loading import resolve_model_dir
+from parallel.checkpoints.loading import load_hf_model, resolve_model_dir
 from parallel.checkpoints.validation import DEFAULT_PROMPTS, compare, measure
 from parallel.runner import ModelSpec
-from parallel.runners.local_runner import load_hf_model
 
 
 def log(msg: str) -> None:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from parallel.checkpoints.builtin_models import ensure_builtin_model, is_builtin
+from parallel.checkpoints.compression import QUANT_KEY, Int8Linear, install_int8_linears
 from parallel.model.architectures import UnsupportedArchitecture, architecture_of
 from parallel.runner import ModelSpec
 
@@ -139,3 +141,39 @@ def checkpoint_fingerprint(path: Path, samples: int = 16, sample_bytes: int = 65
                 fh.seek(size * i // samples)
                 digest.update(fh.read(sample_bytes))
     return digest.hexdigest()
+
+
+def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig, Path]:
+    """Load the whole model (safetensors only); int8 versions made by `shardserve compress`
+    are rebuilt with Int8Linear layers. Returns the model, its config and its directory."""
+    path, hf_config = load_model_config(spec)
+    try:
+        if getattr(hf_config, QUANT_KEY, None):
+            model = load_int8_model(path, hf_config, DTYPES[spec.dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
+            )
+    except Exception as exc:  # corrupt files, missing tensors, bad configs: one clear error
+        raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {type(exc).__name__}: {exc}") from exc
+    return model.to(spec.device).eval(), hf_config, path
+
+
+def count_weights(model: torch.nn.Module) -> int:
+    """Parameters, counting int8 weights (held as buffers) but not their scales."""
+    int8 = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    return sum(p.numel() for p in model.parameters()) + int8
+
+
+def load_int8_model(path: Path, hf_config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    install_int8_linears(model, getattr(hf_config, QUANT_KEY)["modules"])
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    untied = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
+    if untied or unexpected:
+        raise ValueError(f"int8 checkpoint does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
+    return model

@@ -11,18 +11,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
-from parallel.checkpoints.compression import QUANT_KEY, Int8Linear, install_int8_linears
 from parallel.checkpoints.loading import (
     DTYPES,
-    ModelLoadError,
     ModelSpec,
     context_window,
+    count_weights,
     eos_token_ids,
     generation_config,
-    load_model_config,
+    load_hf_model,
 )
 from parallel.checkpoints.validation import weight_bytes
 from parallel.model.architectures import architecture_of
@@ -41,42 +39,6 @@ T = TypeVar("T")
 
 ModelLoader = Callable[[ModelSpec], tuple[torch.nn.Module, PretrainedConfig, Path]]
 """Makes the model a spec names: (model on the spec's device, its config, its directory)."""
-
-
-def load_hf_model(spec: ModelSpec) -> tuple[torch.nn.Module, PretrainedConfig, Path]:
-    """Load the whole model (safetensors only); int8 versions made by `shardserve compress`
-    are rebuilt with Int8Linear layers. Returns the model, its config and its directory."""
-    path, hf_config = load_model_config(spec)
-    try:
-        if getattr(hf_config, QUANT_KEY, None):
-            model = load_int8_model(path, hf_config, DTYPES[spec.dtype])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=DTYPES[spec.dtype], use_safetensors=True, trust_remote_code=spec.trust_remote_code
-            )
-    except Exception as exc:  # corrupt files, missing tensors, bad configs: one clear error
-        raise ModelLoadError(f"cannot load {spec.model!r} from {path}: {type(exc).__name__}: {exc}") from exc
-    return model.to(spec.device).eval(), hf_config, path
-
-
-def count_weights(model: torch.nn.Module) -> int:
-    """Parameters, counting int8 weights (held as buffers) but not their scales."""
-    int8 = sum(m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear))
-    return sum(p.numel() for p in model.parameters()) + int8
-
-
-def load_int8_model(path: Path, hf_config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    install_int8_linears(model, getattr(hf_config, QUANT_KEY)["modules"])
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    untied = [k for k in missing if not (k == "lm_head.weight" and hf_config.tie_word_embeddings)]
-    if untied or unexpected:
-        raise ValueError(f"int8 checkpoint does not match the model: missing {untied[:3]}, unexpected {unexpected[:3]}")
-    return model
 
 
 class LocalModelRunner:
