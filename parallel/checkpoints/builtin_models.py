@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from parallel.cache_dir import cache_root
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -108,12 +109,6 @@ SHIPPED_MODELS: dict[str, Path] = {"shardserve/doc-llama": Path(__file__).resolv
 
 def is_builtin(model: str) -> bool:
     return model in BUILTIN_MODELS or model in SHIPPED_MODELS
-
-
-def cache_root() -> Path:
-    """What shardserve keeps on disk (generated models, built kernels): `SHARDSERVE_CACHE`, or
-    `~/.cache/shardserve`."""
-    return Path(os.environ.get("SHARDSERVE_CACHE") or Path.home() / ".cache" / "shardserve")
 
 
 def default_cache_dir() -> Path:

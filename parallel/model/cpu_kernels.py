@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from parallel.checkpoints.builtin_models import cache_root
+from parallel.cache_dir import cache_root
 
 logger = logging.getLogger(__name__)
 
