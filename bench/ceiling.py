@@ -1,11 +1,11 @@
-"""In-process measurements with no server: the engine's decode rate against the raw model.
+"""In-process measurements with no server: the engine's decode rate against its own forward.
 
-`raw_decode_tokens_per_s` is the ceiling: the HF model's own forward with its KV cache, batch B,
-one token per sequence per call, nothing else (on a runner loaded with `fused_ops=False`, whose
-model keeps its own q/k/v and gate/up layers: a fused model's parts each compute the whole
-fused layer when transformers calls them one by one). `engine_decode_tokens_per_s` drives shardserve's
-engine (scheduler, block manager, paged forward, sampling) with B sequences of the same shape and
-times the same decode steps. `prefill_seconds` is one bare forward over a prompt (for TTFT).
+`forward_decode_tokens_per_s` is the ceiling: the runner's paged forward alone (the same model
+code the engine steps: packed and fused layers, the paged attention kernel), batch B, one token
+per sequence per forward, nothing else (no scheduler, sampling, streaming or thread hop).
+`engine_decode_tokens_per_s` drives shardserve's engine (scheduler, block manager, paged
+forward, sampling) with B sequences of the same shape and times the same decode steps.
+`forward_prefill_seconds` is one bare forward over a prompt through the same code (for TTFT).
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import asyncio
 import time
 
 import torch
-from transformers import DynamicCache
 
 from deployments.config import EngineConfig, ShardserveArgs
 from deployments.engine.engine import LLMEngine
-from parallel.runner import SamplingSpec
+from parallel.runner import SamplingSpec, SequenceStep, StepInput
 from parallel.runners.local_runner import LocalModelRunner
+
+BLOCK_SIZE = ShardserveArgs().kv_cache_spec().block_size
 
 
 def load_runner(
@@ -37,24 +38,39 @@ def load_runner(
     return runner, runner.load()
 
 
-@torch.inference_mode()
-def raw_decode_tokens_per_s(model: torch.nn.Module, batch: int, prompt_len: int, steps: int) -> float:
-    ids = torch.randint(10, model.config.vocab_size - 1, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    cache = DynamicCache()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+def decode_step(batch: int, context: int, block_size: int = BLOCK_SIZE) -> StepInput:
+    """B sequences one token past `context` cached tokens each (their K/V is whatever the pool
+    holds: timing does not depend on the values)."""
+    per_seq = -(-(context + 1) // block_size)
+    seqs = []
+    for i in range(batch):
+        table = list(range(i * per_seq, (i + 1) * per_seq))
+        seqs.append(SequenceStep(i, [11 + i], context, table, SamplingSpec()))
+    return StepInput(seqs)
+
+
+def prefill_step(token_ids: list[int], block_size: int = BLOCK_SIZE) -> StepInput:
+    table = list(range(-(-len(token_ids) // block_size)))
+    return StepInput([SequenceStep(0, list(token_ids), 0, table, SamplingSpec())])
+
+
+def forward_decode_tokens_per_s(runner: LocalModelRunner, batch: int, context: int, steps: int) -> float:
+    """The paged forward alone, `steps` decode forwards of `batch` sequences at `context` (run it
+    on the model thread: `runner.on_model_thread`)."""
+    paged, step = runner.paged, decode_step(batch, context, runner.paged.cache.block_size)
+    paged.forward(paged.prepare(step))  # warm
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        paged.forward(paged.prepare(step))
     return batch * steps / (time.perf_counter() - start)
 
 
-@torch.inference_mode()
-def prefill_seconds(model: torch.nn.Module, prompt_ids: list[int]) -> float:
-    ids = torch.tensor([prompt_ids])
+def forward_prefill_seconds(runner: LocalModelRunner, token_ids: list[int]) -> float:
+    """One paged forward over a fresh prompt (on the model thread), logits of its last token."""
+    paged = runner.paged
+    prepared = paged.prepare(prefill_step(token_ids, paged.cache.block_size))
     start = time.perf_counter()
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    paged.forward(prepared)
     return time.perf_counter() - start
 
 

@@ -11,8 +11,9 @@ only during its blocks; `--rounds`); then, one at a time, a naive Ray Serve depl
 HF `generate` one request at a time, `@serve.batch` static batching over `generate`, and
 `transformers serve` with and without `--continuous-batching`. Workload: a seeded mix of prompt lengths (64-512 tokens) and output
 lengths (32-256) at concurrency 1, 8 and 32, plus a shared-prefix workload (512-token system
-prompt) with prefix caching on and off. In-process: the engine's decode rate against a raw
-forward loop at batch 16 (the ceiling), and one bare prefill forward (for TTFT at concurrency 1).
+prompt) with prefix caching on and off. In-process: the engine's decode rate against its own
+paged forward alone at batch 16 (the ceiling: the same model code), and one bare prefill forward
+through it (for TTFT at concurrency 1).
 Prints tables, writes JSON (bench/results/serving.json) and the markdown for BENCHMARKS.md.
 """
 
@@ -35,10 +36,13 @@ if TYPE_CHECKING:
     from bench.workload import BenchRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ["vllm_cpu", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
-ALTERNATING = ("vllm_cpu", "shardserve")  # measured in alternating blocks (bench.side_by_side)
+NAN = float("nan")
+SYSTEMS = ["vllm_cpu", "llama_cpp", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
+ALTERNATING = ("vllm_cpu", "llama_cpp", "shardserve")  # measured in alternating blocks (bench.side_by_side)
+PEERS = {"vllm_cpu": "vLLM", "llama_cpp": "llama.cpp"}  # the engines shardserve is held to, side by side
 LABELS = {
     "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
+    "llama_cpp": "llama.cpp llama-server (llama-cpp-python 0.3.36's)",
     "shardserve": "shardserve",
     "naive": "naive HF generate (Ray Serve)",
     "serve_batch": "@serve.batch + generate",
@@ -265,6 +269,21 @@ def measure_alternating(
         contenders["vllm_cpu"] = side_by_side.Contender(
             lambda: (vllm.url, "bench"), cpu_seconds=side_by_side.tree_cpu_seconds(roots)
         )
+    llama: list[Any] = []  # the server of llama.cpp's current block
+    if "llama_cpp" in args.systems:  # starts in seconds: down during the others' blocks, like shardserve
+        from bench.llama_cpp import LlamaCppServer
+
+        def start_llama() -> tuple[str, str]:
+            llama.append(LlamaCppServer(model_dir, free_port(), "bench", log=log))
+            llama[-1].wait_ready()
+            return llama[-1].url, "bench"
+
+        def stop_llama() -> None:
+            server = llama.pop()
+            report.setdefault("rss_mb", {})["llama_cpp"] = server.rss_bytes() / 2**20
+            server.stop()
+
+        contenders["llama_cpp"] = side_by_side.Contender(start_llama, stop=stop_llama, fresh_connections=True)
     session = ShardserveSession(args.model, model_dir, overrides)
     if "shardserve" in args.systems:  # down during vLLM's blocks: never idle beside it, no CPU counter
         contenders["shardserve"] = side_by_side.Contender(session.start, stop=session.stop)
@@ -274,6 +293,8 @@ def measure_alternating(
         measured = side_by_side.measure(contenders, loads, prefix_loads, warmup, log)
     finally:
         session.stop()
+        if llama:
+            stop_llama()
     for c, systems in measured["levels"].items():
         report["levels"].setdefault(c, {}).update(systems)
     report["rounds"], report["idle_cores"] = measured["rounds"], measured["idle_cores"]
@@ -281,6 +302,8 @@ def measure_alternating(
     if vllm is not None:
         prefix["vllm_cpu"] = measured["prefix"]["vllm_cpu"]
         rss["vllm_cpu"] = vllm.rss_bytes() / 2**20
+    if "llama_cpp" in contenders:
+        prefix["llama_cpp"] = measured["prefix"]["llama_cpp"]
     if "shardserve" in contenders:
         prefix["on"] = measured["prefix"]["shardserve"]
         rss["shardserve"] = session.rss_mb
@@ -393,33 +416,31 @@ async def prefix_ttft(url: str, model_name: str, reqs) -> dict[str, float]:
 
 
 def ceiling(model: str, quick: bool) -> dict[str, float]:
-    from bench.ceiling import engine_decode_tokens_per_s, load_runner, raw_decode_tokens_per_s
+    from bench.ceiling import engine_decode_tokens_per_s, forward_decode_tokens_per_s, load_runner
 
-    runner, info = load_runner(model)
-    plain, _ = load_runner(model, fused_ops=False)  # transformers' forward over the model's own layers
+    runner, info = load_runner(model)  # as a replica loads it: the ceiling runs the engine's own model code
     steps = 16 if quick else 64
     raw, eng = [], []
     for _ in range(1 if quick else 3):  # interleaved, best of: machine noise hits both alike
-        raw.append(plain.on_model_thread(raw_decode_tokens_per_s, plain.model, 16, 64, steps))
+        raw.append(runner.on_model_thread(forward_decode_tokens_per_s, runner, 16, 64 + steps // 2, steps))
         eng.append(engine_decode_tokens_per_s(runner, info, 16, 64, steps))
     runner.shutdown()
-    plain.shutdown()
     return {"batch": 16, "raw_tokens_per_s": max(raw), "engine_tokens_per_s": max(eng), "ratio": max(eng) / max(raw)}
 
 
 def bare_prefill(model: str, reqs) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from bench.ceiling import load_runner, prefill_seconds
+    from bench.ceiling import forward_prefill_seconds, load_runner
     from parallel.checkpoints.loading import resolve_model_dir
 
-    runner, _ = load_runner(model, fused_ops=False)  # transformers' forward over the model's own layers
+    runner, _ = load_runner(model)  # the model code a replica runs, fused layers included
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(model))
     times = []
     for r in reqs:
         ids = tok.encode(r.prompt)
-        runner.on_model_thread(prefill_seconds, runner.model, ids)  # warm
-        times.append(min(runner.on_model_thread(prefill_seconds, runner.model, ids) for _ in range(3)))
+        runner.on_model_thread(forward_prefill_seconds, runner, ids)  # warm
+        times.append(min(runner.on_model_thread(forward_prefill_seconds, runner, ids) for _ in range(3)))
     runner.shutdown()
     return {"prefill_p50_s": statistics.median(times)}
 
@@ -441,8 +462,9 @@ def render(report: dict[str, Any]) -> str:
             f"**Concurrency {c}** ({_requests(report, c, systems)}; ratios are shardserve's advantage: "
             "throughput ours/peer, latency peer/ours)",
             "",
-            "| system | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | tok/s ratio | TTFT p50 ratio |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| system | out tok/s | req/s | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | tok/s ratio | TTFT p50 ratio "
+            "| chunk gap p50 | chunk gap p99 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         ours = systems.get("shardserve")
         for name, s in systems.items():
@@ -450,12 +472,14 @@ def render(report: dict[str, Any]) -> str:
             ratio_ttft = f"{s['ttft_p50_s'] / ours['ttft_p50_s']:.2f}x" if ours and name != "shardserve" else ""
             lines.append(
                 f"| {LABELS[name]} | {s['output_tokens_per_s']:.1f} | {s['requests_per_s']:.2f} | {_ms(s['ttft_p50_s'])} | "
-                f"{_ms(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} | {_ms(s['tpot_p99_s'])} | {ratio_tp} | {ratio_ttft} |"
+                f"{_ms(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} | {_ms(s['tpot_p99_s'])} | {ratio_tp} | {ratio_ttft} | "
+                f"{_ms(s.get('chunk_gap_p50_s', NAN))} | {_ms(s.get('chunk_gap_p99_s', NAN))} |"
             )
         turns = report.get("rounds", {}).get(c, [])
-        if len(turns) > 1 and all({"vllm_cpu", "shardserve"} <= set(t) for t in turns):
-            each = ", ".join(f"{t['shardserve'] / t['vllm_cpu']:.2f}x" for t in turns)
-            lines += ["", f"Output tok/s ours/vLLM in each round: {each}."]
+        for peer in PEERS:
+            if len(turns) > 1 and all({peer, "shardserve"} <= set(t) for t in turns):
+                each = ", ".join(f"{t['shardserve'] / t[peer]:.2f}x" for t in turns)
+                lines += ["", f"Output tok/s ours/{PEERS[peer]} in each round: {each}."]
         lines.append("")
     if "prefix" in report and "off" in report["prefix"]:
         on, off = report["prefix"]["on"], report["prefix"]["off"]
@@ -468,10 +492,11 @@ def render(report: dict[str, Any]) -> str:
             f"| off | {_ms(off['ttft_p50_s'])} | {_ms(off['ttft_p99_s'])} |",
             f"| on/off | {on['ttft_p50_s'] / off['ttft_p50_s']:.2f}x | |",
         ]
-        if "vllm_cpu" in report["prefix"]:
-            peer = report["prefix"]["vllm_cpu"]
-            lines.append(f"| {LABELS['vllm_cpu']} (on) | {_ms(peer['ttft_p50_s'])} | {_ms(peer['ttft_p99_s'])} |")
-            lines.append(f"| vLLM/ours (on) | {peer['ttft_p50_s'] / on['ttft_p50_s']:.2f}x | |")
+        for name in PEERS:
+            if name in report["prefix"]:
+                peer = report["prefix"][name]
+                lines.append(f"| {LABELS[name]} (on) | {_ms(peer['ttft_p50_s'])} | {_ms(peer['ttft_p99_s'])} |")
+                lines.append(f"| {PEERS[name]}/ours (on) | {peer['ttft_p50_s'] / on['ttft_p50_s']:.2f}x | |")
         lines.append("")
     if report.get("idle_cores"):
         idle = ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in report["idle_cores"].items())
@@ -481,8 +506,9 @@ def render(report: dict[str, Any]) -> str:
         lines += [f"**Resident memory after the load** (model replica; vLLM's server with its engine core): {rss}.", ""]
     cl = report["ceiling"]
     lines += [
-        f"**Decode at batch {cl['batch']}**: engine {cl['engine_tokens_per_s']:.0f} tok/s, raw forward loop "
-        f"{cl['raw_tokens_per_s']:.0f} tok/s: {cl['ratio']:.2f}x of the ceiling.",
+        f"**Decode at batch {cl['batch']}**: engine {cl['engine_tokens_per_s']:.0f} tok/s, its own paged forward alone "
+        f"(the same model code, no scheduler, sampling or streaming) {cl['raw_tokens_per_s']:.0f} tok/s: "
+        f"{cl['ratio']:.2f}x of the ceiling.",
         "",
     ]
     if "1" in report["levels"] and "shardserve" in report["levels"]["1"]:

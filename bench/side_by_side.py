@@ -37,6 +37,8 @@ class Contender:
     stop: Callable[[], None] | None = None
     cpu_seconds: Callable[[], float] | None = None
     """CPU time so far of every process of this system (user + system, children included)."""
+    fresh_connections: bool = False
+    """A new connection per request (a server that ends streams by closing them)."""
 
 
 def tree_cpu_seconds(roots: Callable[[], list[psutil.Process]]) -> Callable[[], float]:
@@ -97,14 +99,19 @@ def measure(
                 del up[other]
             if name not in up:
                 up[name] = contenders[name].start()
-                asyncio.run(workload.run_load(*up[name], warmup, 2, stream=True))  # never measured
+                fresh = contenders[name].fresh_connections
+                asyncio.run(workload.run_load(*up[name], warmup, 2, stream=True, fresh_connections=fresh))  # never measured
             url, model_name = up[name]
             for key, per, concurrency in work:
                 idle = {o: counter for o in up if o != name and (counter := contenders[o].cpu_seconds) is not None}
                 idle_before = {o: counter() for o, counter in idle.items()}
-                results, wall = asyncio.run(
-                    workload.run_load(url, model_name, per[r], concurrency, True, progress=f"{name} {key} round {r + 1}/{rounds}")
+                what = f"{name} {key} round {r + 1}/{rounds}"
+                fresh = contenders[name].fresh_connections
+                load = workload.run_load(
+                    url, model_name, per[r], concurrency, True, progress=what, ignore_eos=True, fresh_connections=fresh
                 )
+                results, wall = asyncio.run(load)
+                workload.check_same_work(name, per[r], results)
                 for other, before in idle_before.items():
                     idle_seconds[other] += idle[other]() - before
                     idle_wall[other] += wall

@@ -18,30 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from bench.ceiling import load_runner
-from deployments.config import ShardserveArgs
+from bench.ceiling import BLOCK_SIZE, decode_step, load_runner, prefill_step
 from parallel.model.cpu_attention import BACKENDS
 from parallel.model.sampling import sample_step
-from parallel.runner import SamplingSpec, SequenceStep, StepInput
+from parallel.runner import StepInput
 from parallel.runners.local_runner import LocalModelRunner
-
-BLOCK_SIZE = ShardserveArgs(model="shardserve/bench-llama").kv_cache_spec().block_size
-
-
-def decode_step(batch: int, context: int, block_size: int = BLOCK_SIZE) -> StepInput:
-    """B sequences one token past `context` cached tokens each (their K/V is whatever the pool
-    holds: timing does not depend on the values)."""
-    per_seq = -(-(context + 1) // block_size)
-    seqs = []
-    for i in range(batch):
-        table = list(range(i * per_seq, (i + 1) * per_seq))
-        seqs.append(SequenceStep(i, [11 + i], context, table, SamplingSpec()))
-    return StepInput(seqs)
-
-
-def prefill_step(tokens: int, block_size: int = BLOCK_SIZE) -> StepInput:
-    table = list(range(-(-tokens // block_size)))
-    return StepInput([SequenceStep(0, [(7 * j) % 1000 + 10 for j in range(tokens)], 0, table, SamplingSpec())])
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -97,7 +78,8 @@ def main() -> None:
         for batch in (1, 16):
             step = decode_step(batch, args.context)
             profile(runner, f"decode batch {batch} at context {args.context}", step, args.repeats, args.top)
-        profile(runner, "prefill of 512 tokens", prefill_step(512), max(3, args.repeats // 10), args.top)
+        prompt = [(7 * j) % 1000 + 10 for j in range(512)]
+        profile(runner, "prefill of 512 tokens", prefill_step(prompt), max(3, args.repeats // 10), args.top)
     finally:
         runner.shutdown()
 

@@ -27,6 +27,9 @@ class RequestResult:
     ttft_s: float
     e2e_s: float
     output_tokens: int
+    chunk_gaps_s: list[float] = field(default_factory=list)
+    """Between consecutive streamed chunks that carried text: how smooth the stream was (a
+    server that batches its chunks sends fewer, further apart)."""
 
 
 def mixed_workload(tokenizer, count: int, seed: int, prompt_range=(64, 512), output_range=(32, 256)) -> list[BenchRequest]:
@@ -68,11 +71,18 @@ async def run_load(
     stream: bool,
     extra: dict | None = None,
     progress: str = "",
+    ignore_eos: bool = False,
+    fresh_connections: bool = False,
 ) -> tuple[list[RequestResult], float]:
-    """Send every request with at most `concurrency` in flight; returns results and wall time."""
+    """Send every request with at most `concurrency` in flight; returns results and wall time.
+    With `ignore_eos` every request generates exactly its max_tokens (vLLM's and llama.cpp's
+    field, and ours): systems compared on throughput do the same work even where their greedy
+    tokens part (`check_same_work` then holds them to it). `fresh_connections`: one connection
+    per request, for a server that ends a stream by closing it (llama.cpp's)."""
     sem = asyncio.Semaphore(concurrency)
     done = 0
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    keep = 0 if fresh_connections else concurrency + 4
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=keep)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
 
         async def one(req: BenchRequest) -> RequestResult:
@@ -83,6 +93,7 @@ async def run_load(
                     "prompt": req.prompt,
                     "max_tokens": req.max_tokens,
                     "temperature": 0,
+                    **({"ignore_eos": True} if ignore_eos else {}),
                     **(extra or {}),
                 }
                 result = await (_streamed(client, body) if stream else _whole(client, body))
@@ -108,6 +119,8 @@ async def _whole(client: httpx.AsyncClient, body: dict) -> RequestResult:
 async def _streamed(client: httpx.AsyncClient, body: dict) -> RequestResult:
     start = time.perf_counter()
     first: float | None = None
+    last_text: float | None = None
+    gaps: list[float] = []
     tokens = 0
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     async with client.stream("POST", "/v1/completions", json=body) as res:
@@ -117,13 +130,29 @@ async def _streamed(client: httpx.AsyncClient, body: dict) -> RequestResult:
         async for line in res.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
+            now = time.perf_counter()
             if first is None:
-                first = time.perf_counter()
+                first = now
             event = json.loads(line[6:])
+            if any(choice.get("text") for choice in event.get("choices") or []):
+                if last_text is not None:
+                    gaps.append(now - last_text)
+                last_text = now
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     end = time.perf_counter()
-    return RequestResult(True, (first or end) - start, end - start, tokens)
+    return RequestResult(True, (first or end) - start, end - start, tokens, gaps)
+
+
+def check_same_work(system: str, requests: list[BenchRequest], results: list[RequestResult]) -> None:
+    """With ignore_eos every answer is exactly max_tokens long: a system that generated other
+    counts did other work, and its throughput is not comparable."""
+    got = [r.output_tokens for r in results if r.ok]
+    asked = [q.max_tokens for q, r in zip(requests, results, strict=True) if r.ok]
+    if got != asked:
+        wrong = sum(g != a for g, a in zip(got, asked, strict=True))
+        tokens = f"{sum(got)} tokens, {sum(asked)} asked"
+        raise RuntimeError(f"{system}: {wrong} of {len(got)} answers were not max_tokens long ({tokens})")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -137,6 +166,7 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1 and r.e2e_s > r.ttft_s]
+    gaps = [g for r in ok for g in r.chunk_gaps_s]
     return {
         "requests": len(results),
         "failed": len(results) - len(ok),
@@ -148,6 +178,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
         "ttft_p99_s": percentile([r.ttft_s for r in ok], 99),
         "tpot_p50_s": percentile(tpot, 50) if tpot else float("nan"),
         "tpot_p99_s": percentile(tpot, 99) if tpot else float("nan"),
+        "chunk_gap_p50_s": percentile(gaps, 50) if gaps else float("nan"),
+        "chunk_gap_p99_s": percentile(gaps, 99) if gaps else float("nan"),
         "e2e_mean_s": statistics.fmean(r.e2e_s for r in ok) if ok else float("nan"),
     }
 

