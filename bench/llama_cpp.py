@@ -7,7 +7,10 @@ bench compares float32 everywhere) with the vendored `convert_hf_to_gguf.py`, ca
 build per model directory. The converter names a BPE pre-tokenizer by a hash of how the
 tokenizer splits a test text and refuses hashes it does not list; shardserve's built-in
 tokenizers are byte-level BPE with GPT-2's pre-tokenizer, so an unknown hash is given `gpt-2`
-(their tokens then equal transformers' on every bench prompt: DESIGN.md's facts).
+(their tokens then equal transformers' on every bench prompt: DESIGN.md's facts). The Llama
+converter tries a sentencepiece vocabulary first and needs the `sentencepiece` package even to
+find there is none; without it installed, the wrapper says "no tokenizer.model" as the package
+would, and the converter goes on to the BPE vocabulary.
 
 The server runs as its users run it on a CPU: `-t 2` (the cores), `-np 32` slots (the bench's
 highest concurrency), a 32k context shared by the slots, continuous batching. It ends a stream
@@ -45,6 +48,12 @@ def pre_tokenizer(self, tokenizer):
     except NotImplementedError:  # a hash the converter does not list: shardserve's byte-level BPE
         return "gpt-2"
 base.TextModel.get_vocab_base_pre = pre_tokenizer
+sentencepiece = base.TextModel._set_vocab_sentencepiece
+def no_sentencepiece_file(self, *args, **kwargs):  # as with sentencepiece installed: on to the BPE vocab
+    if not (self.dir_model / "tokenizer.model").is_file():
+        raise FileNotFoundError("no tokenizer.model")
+    return sentencepiece(self, *args, **kwargs)
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece_file
 sys.argv = [root + "/convert_hf_to_gguf.py", *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

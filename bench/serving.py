@@ -39,7 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 NAN = float("nan")
 SYSTEMS = ["vllm_cpu", "llama_cpp", "shardserve", "naive", "serve_batch", "tf_serve", "tf_serve_cb"]
 ALTERNATING = ("vllm_cpu", "llama_cpp", "shardserve")  # measured in alternating blocks (bench.side_by_side)
-PEERS = {"vllm_cpu": "vLLM", "llama_cpp": "llama.cpp"}  # the engines shardserve is held to, side by side
+PEERS = {"vllm_cpu": "vLLM", "llama_cpp": "llama.cpp"}
+# vLLM at its best settings here, not its defaults, since shardserve's are tuned (BENCHMARKS.md,
+# "vLLM's settings"): chunks of about the time shardserve's 50 ms stream interval holds at its
+# c=1 TPOT, and the thread binding that measured fastest on this 2-core VM.
+VLLM_STREAM_INTERVAL = 8
+VLLM_THREADS_BIND = "auto"  # the engines shardserve is held to, side by side
 LABELS = {
     "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
     "llama_cpp": "llama.cpp llama-server (llama-cpp-python 0.3.36's)",
@@ -155,6 +160,17 @@ def main() -> None:
         help="start Ray with Ray Serve's high-throughput mode exported (deployments.app.RAY_HIGH_THROUGHPUT_ENV)",
     )
     parser.add_argument(
+        "--vllm-stream-interval",
+        type=int,
+        default=VLLM_STREAM_INTERVAL,
+        help="tokens per streamed chunk for vLLM (its --stream-interval; default: VLLM_STREAM_INTERVAL)",
+    )
+    parser.add_argument(
+        "--vllm-threads-bind",
+        default=VLLM_THREADS_BIND,
+        help="VLLM_CPU_OMP_THREADS_BIND for vLLM's model threads ('auto': vLLM's own choice; default: see VLLM_THREADS_BIND)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -209,7 +225,9 @@ def main() -> None:
         from bench.peers import VLLMCPU
 
         log(f"starting {LABELS['vllm_cpu']}")
-        vllm = VLLMCPU(model_dir, free_port(), "bench", log=log)
+        settings = {"stream_interval": args.vllm_stream_interval, "threads_bind": args.vllm_threads_bind}
+        vllm = VLLMCPU(model_dir, free_port(), "bench", log=log, **settings)
+        report["vllm_settings"] = settings
     try:
         if vllm is not None:
             vllm.wait_ready()
@@ -455,6 +473,15 @@ def render(report: dict[str, Any]) -> str:
             f"vLLM and shardserve were measured in alternating blocks of every level, {report['alternating_rounds']} rounds "
             "(A B, then B A), with prompts of each round's own; shardserve's Ray ran only during its blocks. "
             "Their rows are over all their rounds."
+        )
+    if report.get("vllm_settings"):
+        from bench.llama_cpp import SERVER_FLAGS
+
+        v = report["vllm_settings"]
+        lines.append(
+            f"Settings: vLLM `--stream-interval {v['stream_interval']}`, `VLLM_CPU_OMP_THREADS_BIND={v['threads_bind']}`; "
+            f"llama.cpp `{' '.join(SERVER_FLAGS)}`; shardserve its defaults (50 ms stream interval). Every throughput "
+            "load ran with `ignore_eos`, each answer checked to be exactly `max_tokens` long."
         )
     lines.append("")
     for c, systems in report["levels"].items():
