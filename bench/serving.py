@@ -41,10 +41,11 @@ SYSTEMS = ["vllm_cpu", "llama_cpp", "shardserve", "naive", "serve_batch", "tf_se
 ALTERNATING = ("vllm_cpu", "llama_cpp", "shardserve")  # measured in alternating blocks (bench.side_by_side)
 PEERS = {"vllm_cpu": "vLLM", "llama_cpp": "llama.cpp"}
 # vLLM at its best settings here, not its defaults, since shardserve's are tuned (BENCHMARKS.md,
-# "vLLM's settings"): chunks of about the time shardserve's 50 ms stream interval holds at its
-# c=1 TPOT, and the thread binding that measured fastest on this 2-core VM.
-VLLM_STREAM_INTERVAL = 8
-VLLM_THREADS_BIND = "auto"  # the engines shardserve is held to, side by side
+# "vLLM's best settings"): its model threads on both cores (its `auto` binds them to one and
+# leaves the other to its API server: 1.4-1.5x slower at c=8 and c=32 on the 2-core VM), and
+# every token streamed (8 tokens a chunk, about shardserve's 50 ms at c=1, gained nothing).
+VLLM_STREAM_INTERVAL = 1
+VLLM_THREADS_BIND = "0-1"  # the engines shardserve is held to, side by side
 LABELS = {
     "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0)",
     "llama_cpp": "llama.cpp llama-server (llama-cpp-python 0.3.36's)",
