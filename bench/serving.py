@@ -470,10 +470,13 @@ def render(report: dict[str, Any]) -> str:
     on = f" on {host['cpu']} ({host['cores']} cores; {', '.join(host['isa']) or 'no AVX2'})" if host else ""
     lines = [f"Model `{report['model']}`{' (quick run)' if report['quick'] else ''}{mode}, started {report['started']}{on}."]
     if report.get("alternating_rounds"):
+        first = next(iter(report["levels"].values()), {})
+        names = [PEERS.get(n, n) for n in ALTERNATING if n in first]
+        order = " ".join("ABC"[: len(names)])
         lines.append(
-            f"vLLM and shardserve were measured in alternating blocks of every level, {report['alternating_rounds']} rounds "
-            "(A B, then B A), with prompts of each round's own; shardserve's Ray ran only during its blocks. "
-            "Their rows are over all their rounds."
+            f"{', '.join(names[:-1])} and {names[-1]} were measured in alternating blocks of every level, "
+            f"{report['alternating_rounds']} rounds ({order}, then {order[::-1]}), with prompts of each round's own; "
+            "shardserve's Ray ran only during its blocks. Their rows are over all their rounds."
         )
     if report.get("vllm_settings"):
         from bench.llama_cpp import SERVER_FLAGS
@@ -481,8 +484,8 @@ def render(report: dict[str, Any]) -> str:
         v = report["vllm_settings"]
         lines.append(
             f"Settings: vLLM `--stream-interval {v['stream_interval']}`, `VLLM_CPU_OMP_THREADS_BIND={v['threads_bind']}`; "
-            f"llama.cpp `{' '.join(SERVER_FLAGS)}`; shardserve its defaults (50 ms stream interval). Every throughput "
-            "load ran with `ignore_eos`, each answer checked to be exactly `max_tokens` long."
+            f"llama.cpp `{' '.join(SERVER_FLAGS)}`; shardserve its defaults (50 ms stream interval). The alternating "
+            "systems' loads ran with `ignore_eos`, each answer checked to be exactly `max_tokens` long."
         )
     lines.append("")
     for c, systems in report["levels"].items():
