@@ -17,8 +17,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from parallel.runner import SamplingSpec
 
 
-def _none_is(value: Any) -> Any:
-    return lambda v: value if v is None else v
+def _none_is_zero(v: Any) -> Any:
+    return 0.0 if v is None else v
+
+
+def _none_is_empty(v: Any) -> Any:
+    return [] if v is None else v  # a new list each time: never one shared by every request
 
 
 def check_logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
@@ -44,10 +48,10 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=-1)]
 MinP = Annotated[float, Field(ge=0.0, le=1.0)]
 RepetitionPenalty = Annotated[float, Field(gt=0.0, le=2.0)]
-Penalty = Annotated[float, BeforeValidator(_none_is(0.0)), Field(ge=-2.0, le=2.0)]
+Penalty = Annotated[float, BeforeValidator(_none_is_zero), Field(ge=-2.0, le=2.0)]
 """OpenAI's presence and frequency penalties (null: 0)."""
 LogitBias = Annotated[dict[int, float] | None, AfterValidator(check_logit_bias)]
-TokenIds = Annotated[list[int], BeforeValidator(_none_is([]))]
+TokenIds = Annotated[list[int], BeforeValidator(_none_is_empty)]
 StopStrings = Annotated[list[str], BeforeValidator(_stop_list), AfterValidator(_no_empty_stop)]
 Logprobs = Annotated[int, Field(ge=0, le=20)]
 """Alternatives reported with each token's log-probability (vLLM allows 20; OpenAI 5)."""
