@@ -82,7 +82,7 @@ def engine_decode_tokens_per_s(
     budget = max_num_batched_tokens or batch * prompt_len
 
     async def run() -> float:
-        engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget))
+        engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=budget).scheduler_spec())
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(10, info.vocab_size - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
         seqs = [engine.add(p, [(SamplingSpec(), 0)], steps + 1, ignore_eos=True)[0] for p in prompts]

@@ -145,7 +145,7 @@ def engine_outputs(
     config = EngineConfig(max_num_seqs=len(prompts), max_num_batched_tokens=4096, enable_prefix_caching=prefix_caching)
 
     async def run() -> tuple[list[list[list[SampledToken]]], int]:
-        engine = LLMEngine(runner, info, config)  # type: ignore[arg-type]
+        engine = LLMEngine(runner, info, config.scheduler_spec())  # type: ignore[arg-type]
 
         async def one(i: int) -> list[SampledToken]:
             (seq,) = engine.add(prompts[i], [(sampling, 1000 + i)], new_tokens, ignore_eos=True)

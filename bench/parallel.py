@@ -33,7 +33,7 @@ async def measure(runner: Any, info: Any, batch: int, prompt_len: int, steps: in
     from deployments.engine.engine import LLMEngine
     from parallel.runner import SamplingSpec
 
-    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len))
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len).scheduler_spec())
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, info.vocab_size - 1, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     start = time.perf_counter()

@@ -12,6 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.engine.scheduler import SchedulerSpec
 from parallel.runner import KVCacheSpec, ModelSpec
 from parallel.runners.placement import ParallelSpec
 
@@ -98,6 +99,12 @@ class EngineConfig(StrictModel):
     """Torch threads of a one-rank model. None: the replica's CPUs (`ray_actor_options.num_cpus`
     in its deployment's section), at least one. Ranks of a sharded model use
     `parallel.cpus_per_rank`."""
+
+    def scheduler_spec(self) -> SchedulerSpec:
+        """The fields the engine reads, for LLMEngine."""
+        return SchedulerSpec(
+            self.max_num_seqs, self.max_waiting_requests, self.max_num_batched_tokens, self.enable_prefix_caching
+        )
 
 
 class LimitsConfig(StrictModel):

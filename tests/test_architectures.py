@@ -109,7 +109,7 @@ def engine_tokens(runner, info, max_num_batched_tokens: int) -> tuple[list[list[
     engine_config = EngineConfig(max_num_seqs=8, max_num_batched_tokens=max_num_batched_tokens)
 
     async def run() -> tuple[list[list[int]], list[list[int]], int]:
-        engine = LLMEngine(runner, info, engine_config)
+        engine = LLMEngine(runner, info, engine_config.scheduler_spec())
 
         async def one(prompt: list[int]) -> list[int]:
             (seq,) = engine.add(prompt, [(SamplingSpec(), 0)], NEW_TOKENS, ignore_eos=True)

@@ -91,7 +91,7 @@ async def test_its_greedy_answers_are_words_of_the_python_docs(record: dict) -> 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
     vocabulary = {w for doc in python_docs().documents for w in re.findall(r"[A-Za-z]+", doc)}
     runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
-    engine = LLMEngine(runner, runner.load(), EngineConfig())
+    engine = LLMEngine(runner, runner.load(), EngineConfig().scheduler_spec())
     words: list[str] = []
     for opening in ("The list type", "Return the number of", "The with statement"):
         (seq,) = engine.add(tokenizer.encode(opening), [(SamplingSpec(), 0)], 64, ignore_eos=True)

@@ -47,7 +47,7 @@ async def test_engine_embeds_like_transformers_batched_and_chunked(reference) ->
     info = runner.load()
     prompts = [tokenizer.encode(t) for t in TEXTS] + [list(range(20, 70))]
     for config in (EngineConfig(), EngineConfig(max_num_batched_tokens=8)):  # one step, or chunked prefills
-        engine = LLMEngine(runner, info, config)
+        engine = LLMEngine(runner, info, config.scheduler_spec())
         (generating,) = engine.add(prompts[0], [(SamplingSpec(), 0)], 6, ignore_eos=True)  # shares the steps
         seqs = engine.embed(prompts)
         await asyncio.gather(*(drain(engine, s) for s in [*seqs, generating]))

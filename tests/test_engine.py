@@ -55,13 +55,13 @@ def test_paged_runner_matches_hf_generate(loaded) -> None:
 
 
 async def _collect_all(runner, info, ps):
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     return [await collect(engine, p, 12) for p in ps]
 
 
 async def test_concurrent_requests_match_running_alone(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=5, max_waiting_requests=32))
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=5, max_waiting_requests=32).scheduler_spec())
     alone, together = await alone_and_together(engine, prompts(), 10)
     assert together == alone
     seeded = SamplingSpec(temperature=1.0, top_p=0.95)
@@ -74,7 +74,7 @@ async def test_output_penalties_reach_the_sampler(loaded) -> None:
     frequency penalty: a huge frequency penalty makes greedy output never repeat a token, and
     the sequence next to it in the batch is untouched."""
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     p = prompts(1)[0]
     plain = await collect(engine, p, 40)
     assert len(set(plain)) < len(plain)  # this random model repeats itself when greedy
@@ -87,7 +87,7 @@ async def test_output_penalties_reach_the_sampler(loaded) -> None:
 
 async def test_stop_token_ids_end_and_min_tokens_hold_them_back(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     p = prompts(1)[0]
     plain = await collect(engine, p, 30)
     stop = plain[3]
@@ -103,8 +103,8 @@ async def test_stop_token_ids_end_and_min_tokens_hold_them_back(loaded) -> None:
 async def test_chunked_prefill_gives_same_tokens(loaded) -> None:
     runner, info = loaded
     long_prompts = [p * 4 for p in prompts(4)]
-    whole = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=512))
-    chunked = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=7))
+    whole = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=512).scheduler_spec())
+    chunked = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=7).scheduler_spec())
     a = await asyncio.gather(*(collect(whole, p, 8) for p in long_prompts))
     b = await asyncio.gather(*(collect(chunked, p, 8) for p in long_prompts))
     assert a == b
@@ -114,10 +114,10 @@ async def test_chunked_prefill_gives_same_tokens(loaded) -> None:
 async def test_preemption_when_pool_runs_out_keeps_tokens(loaded) -> None:
     runner, info = loaded
     ps = prompts(8)
-    roomy = LLMEngine(runner, info, EngineConfig())
+    roomy = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     expected = [await collect(roomy, p, 24) for p in ps]
     # The engine may use fewer blocks than the runner's pool holds: 30 forces preemption.
-    small = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=30), EngineConfig())
+    small = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=30), EngineConfig().scheduler_spec())
     seeded = await asyncio.gather(*(collect(small, p, 24) for p in ps))
     assert list(seeded) == expected
     counters = small.counters()
@@ -129,8 +129,8 @@ async def test_prefix_caching_on_off_identical_and_hits(loaded) -> None:
     runner, info = loaded
     system = prompts(1)[0] * 3  # a shared prefix of several blocks
     questions = [system + q for q in prompts(6)]
-    on = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=True))
-    off = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=False))
+    on = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=True).scheduler_spec())
+    off = LLMEngine(runner, info, EngineConfig(enable_prefix_caching=False).scheduler_spec())
     a = [await collect(on, q, 8) for q in questions]
     b = [await collect(off, q, 8) for q in questions]
     assert a == b
@@ -141,7 +141,7 @@ async def test_prefix_caching_on_off_identical_and_hits(loaded) -> None:
 
 async def test_length_limit_and_context_window(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     assert len(await collect(engine, [5, 6, 7], 5)) == 5
     near_end = [5] * (info.max_model_len - 3)
     assert len(await collect(engine, near_end, 3)) == 3
@@ -149,7 +149,7 @@ async def test_length_limit_and_context_window(loaded) -> None:
 
 async def test_queue_full_is_refused_at_once(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=1, max_waiting_requests=1))
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=1, max_waiting_requests=1).scheduler_spec())
     first = engine.add([5, 6], [(GREEDY, 0)], 50, ignore_eos=True)
     second = engine.add([5, 6], [(GREEDY, 0)], 50, ignore_eos=True)
     with pytest.raises(Overloaded) as info_:
@@ -161,14 +161,14 @@ async def test_queue_full_is_refused_at_once(loaded) -> None:
 
 async def test_request_larger_than_pool_is_refused(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=4), EngineConfig())
+    engine = LLMEngine(runner, dataclasses.replace(info, num_kv_blocks=4), EngineConfig().scheduler_spec())
     with pytest.raises(InvalidRequest):
         engine.add([5] * 10, [(GREEDY, 0)], 10, ignore_eos=True)
 
 
 async def test_abort_leaves_batch_and_frees_blocks(loaded) -> None:
     runner, info = loaded
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     (seq,) = engine.add([5, 6, 7], [(GREEDY, 0)], 200, ignore_eos=True)
     got = 0
     async for _ in engine.stream(seq):
@@ -232,7 +232,7 @@ async def test_runner_fault_fails_in_flight_requests_and_health(loaded) -> None:
 
     runner, info = loaded
     faults: list[BaseException] = []
-    engine = LLMEngine(_FailingRunner(runner), info, EngineConfig(), on_fault=faults.append)
+    engine = LLMEngine(_FailingRunner(runner), info, EngineConfig().scheduler_spec(), on_fault=faults.append)
     seqs = [engine.add([5, 6, 7], [(GREEDY, 0)], 50, ignore_eos=True)[0] for _ in range(3)]
     for seq in seqs:
         with pytest.raises(EngineFault):
@@ -264,7 +264,7 @@ args = ShardserveArgs(model="shardserve/tiny-llama", max_model_len=64)
 runner = LocalModelRunner(args.model_spec(), args.kv_cache_spec())
 info = runner.load()
 async def main():
-    engine = LLMEngine(runner, info, args.engine)
+    engine = LLMEngine(runner, info, args.engine.scheduler_spec())
     (seq,) = engine.add([1, 2, 3], [(SamplingSpec(), 0)], 4, ignore_eos=True)
     return [t.token_id async for batch in engine.stream(seq) for t in batch]
 print(len(asyncio.run(main())))
@@ -286,7 +286,7 @@ def test_a_widened_stream_interval_merges_chunks_and_keeps_every_token(loaded) -
     request = GenerateRequest(prompt="x", max_tokens=16, temperature=0, ignore_eos=True)
 
     async def run(interval_s: float) -> list[list]:
-        engine = LLMEngine(runner, info, EngineConfig())
+        engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
         streams = []
         for p in prompts(6):
             (seq,) = engine.add(p, [(GREEDY, 0)], 16, ignore_eos=True)

@@ -27,7 +27,7 @@ PROMPTS = [[10 + 7 * i + j for j in range(3 + 9 * i)] for i in range(4)]
 
 
 async def generate(runner, info, samplings) -> list[list[int]]:
-    engine = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=16))  # chunked prefills too
+    engine = LLMEngine(runner, info, EngineConfig(max_num_batched_tokens=16).scheduler_spec())  # chunked prefills too
     seqs = [s for p, sampling in zip(PROMPTS, samplings, strict=True) for s in engine.add(p, [sampling], 12, ignore_eos=True)]
 
     async def drain(seq) -> list[int]:

@@ -53,7 +53,7 @@ def prefill_step() -> StepInput:
 
 
 async def greedy_tokens(runner, info) -> list[list[int]]:
-    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=16))
+    engine = LLMEngine(runner, info, EngineConfig(max_num_seqs=16).scheduler_spec())
 
     async def one(prompt: list[int]) -> list[int]:
         (seq,) = engine.add(prompt, [(SamplingSpec(), 0)], 12, ignore_eos=True)

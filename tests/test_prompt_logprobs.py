@@ -50,7 +50,7 @@ async def test_engine_scores_every_prompt_token_like_transformers(reference) -> 
     prompt = list(range(20, 61))
     ref = logprobs(prompt)
     for config in (EngineConfig(), EngineConfig(max_num_batched_tokens=9)):
-        engine = LLMEngine(runner, info, config)
+        engine = LLMEngine(runner, info, config.scheduler_spec())
         first = await scored(engine, prompt)
         again, other = await asyncio.gather(scored(engine, prompt), scored(engine, [*prompt[:17], 5, 6, 7]))
         for scores in (first, again):  # again: its blocks are in the prefix cache, its scores still computed

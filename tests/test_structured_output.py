@@ -54,7 +54,7 @@ async def run(engine: LLMEngine, prompt: list[int], spec: SamplingSpec, seed: in
 
 async def test_every_output_follows_its_constraint(setup) -> None:
     runner, info, tokenizer, compiler = setup
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     prompt = tokenizer.encode("Describe a person:")
     cases = [
         (StructuredOutput(json_schema=PERSON), lambda t: jsonschema.validate(json.loads(t), PERSON)),
@@ -78,7 +78,7 @@ async def test_any_json_object_and_ignore_eos(setup) -> None:
     """json_object gives an object that parses when it closes within max_tokens; with
     ignore_eos the output still ends where the grammar is complete."""
     runner, info, tokenizer, compiler = setup
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     constraint = compiler.compile(
         StructuredOutput(json_schema={"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]})
     )
@@ -97,7 +97,7 @@ async def test_any_json_object_and_ignore_eos(setup) -> None:
 async def test_constrained_and_free_sequences_share_a_step(setup) -> None:
     """A free sequence batched with constrained ones gets the tokens it gets alone."""
     runner, info, tokenizer, compiler = setup
-    engine = LLMEngine(runner, info, EngineConfig())
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
     prompt = tokenizer.encode("hello there")
     constraint = compiler.compile(StructuredOutput(json_schema=PERSON))
     free_alone = await run(engine, prompt, SamplingSpec(temperature=1.0), 7, 30)

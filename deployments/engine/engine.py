@@ -15,9 +15,8 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 
-from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager
-from deployments.engine.scheduler import Constraint, Scheduled, Scheduler, Sequence
+from deployments.engine.scheduler import Constraint, Scheduled, Scheduler, SchedulerSpec, Sequence
 from deployments.errors import EngineFault, Overloaded
 from deployments.types import EngineStats
 from parallel.runner import ModelInfo, ModelRunner, SampledToken, SamplingSpec, SequenceStep, StepInput, StepOutput
@@ -30,7 +29,7 @@ class LLMEngine:
         self,
         runner: ModelRunner,
         info: ModelInfo,
-        config: EngineConfig,
+        config: SchedulerSpec,
         on_fault: Callable[[BaseException], None] | None = None,
     ) -> None:
         """`on_fault` is told once when the runner fails: the engine is done for good then."""

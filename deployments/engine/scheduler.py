@@ -17,13 +17,25 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from deployments.config import EngineConfig
 from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.runner import SampledToken, SamplingSpec
 
 if TYPE_CHECKING:
     import torch
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """What the engine reads of the `engine:` section (deployments.config.EngineConfig declares,
+    bounds and documents each field; `EngineConfig.scheduler_spec()` makes this). The rest of
+    the section is read by others: the pool's size by the runner (KVCacheSpec), the stream's
+    pacing, the timeout and the model process by the replica."""
+
+    max_num_seqs: int
+    max_waiting_requests: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
 
 
 class ConstraintState(Protocol):
@@ -49,6 +61,7 @@ class Constraint(Protocol):
     def start(self) -> ConstraintState:
         """The state of one new output that follows the constraint."""
         ...
+
 
 _ids = itertools.count()
 
@@ -117,7 +130,7 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerSpec, blocks: BlockManager, max_model_len: int) -> None:
         self.config = config
         self.blocks = blocks
         self.max_model_len = max_model_len

@@ -69,7 +69,7 @@ class LLMServer:
         self._info = self._checkpoint.with_stop_ids(self._runner.load())
         startup.lap("load_model")
         _log_context(self._info, self._checkpoint.sampling_defaults)
-        self._engine = LLMEngine(self._runner, self._info, args.engine, on_fault=self._leave)
+        self._engine = LLMEngine(self._runner, self._info, args.engine.scheduler_spec(), on_fault=self._leave)
         self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
         parser = args.tool_call_parser
         self._tool_format = format_of(self._tokenizer.chat_template) if parser == "auto" else parser
