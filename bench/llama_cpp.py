@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -30,6 +29,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.peers import stop_process_group, wait_healthy
 from parallel.cache_dir import cache_root
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
@@ -126,8 +126,6 @@ class LlamaCppServer:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        from bench.peers import wait_healthy
-
         wait_healthy(self.proc, self.url, "llama-server", self.log.name, timeout_s)
 
     def rss_bytes(self) -> int:
@@ -136,12 +134,5 @@ class LlamaCppServer:
         return psutil.Process(self.proc.pid).memory_info().rss
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc)
         self.log.close()

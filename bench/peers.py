@@ -201,12 +201,18 @@ class VLLMCPU:
 
     def stop(self) -> None:
         """The whole process group: vLLM's engine core is a child process of the API server."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc)
         self.log.close()
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """End a server started with `start_new_session=True` and everything it started: TERM, then
+    KILL after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
