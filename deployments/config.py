@@ -107,6 +107,34 @@ class EngineConfig(StrictModel):
         )
 
 
+class KVTierConfig(StrictModel):
+    """The cluster KV tier: chunks of prompt KV kept in shared memory by one store actor per
+    node, outliving the replicas that computed them, loaded by any replica of the same model
+    instead of recomputed (README "Caching")."""
+
+    enabled: bool = True
+    """Off: each replica's prefix cache is all there is (it dies with the replica)."""
+
+    memory_mb: int | None = Field(default=None, ge=1)
+    """The node store's budget; None: `memory_fraction` of the shared memory free when the
+    store starts. The first replica on a node starts its store; later ones share it."""
+
+    memory_fraction: float = Field(default=0.25, gt=0, le=0.9)
+    """Share of the node's free shared memory (/dev/shm, RAM) the store takes when
+    `memory_mb` is not set."""
+
+    chunk_blocks: int = Field(default=8, ge=1, le=1024)
+    """KV blocks per chunk, the tier's unit of storage and transfer (8 blocks of 16 tokens are
+    2 MiB for shardserve/bench-llama: large enough that copies run at memory speed)."""
+
+    min_sightings: int = Field(default=2, ge=1)
+    """A chunk is stored once this many requests have asked for it (a prefix seen once is not
+    worth the copy); 1 stores every prompt's chunks."""
+
+    lookup_timeout_ms: float = Field(default=50.0, gt=0)
+    """Most a request waits for the store's answer before computing its prompt anyway."""
+
+
 class LimitsConfig(StrictModel):
     """Bounds on what one request may ask for; each violation is a 4xx naming the field."""
 
@@ -366,6 +394,10 @@ class ShardserveArgs(StrictModel):
 
     cache: ResultCacheConfig = ResultCacheConfig()
     """Exact-result cache in front of the LLM server."""
+
+    kv_tier: KVTierConfig = KVTierConfig()
+    """The cluster KV tier behind each replica's prefix cache (needs
+    engine.enable_prefix_caching)."""
 
     repository: ModelRepositoryConfig | None = None
     """Serve one or more versions from a model repository instead of `model`."""

@@ -129,6 +129,15 @@ class EngineMetrics:
                 ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
                 ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
                 ("num_preemptions", "num_preemptions", "Sequences preempted for lack of KV blocks."),
+                ("kv_tier_lookups", "kv_tier_lookups", "Prompts looked up in the cluster KV tier."),
+                ("kv_tier_lookup_failures", "kv_tier_lookup_failures", "Tier lookups that timed out or found no store."),
+                ("kv_tier_hit_tokens", "kv_tier_hit_tokens", "Prompt tokens loaded from the cluster KV tier."),
+                ("kv_tier_loads", "kv_tier_loads", "Sequences that loaded chunks from the cluster KV tier."),
+                ("kv_tier_load_failures", "kv_tier_load_failures", "Tier chunks that failed to load (recomputed)."),
+                ("kv_tier_load_seconds", "kv_tier_load_seconds", "Time sequences waited for tier loads, summed."),
+                ("kv_tier_loaded_bytes", "kv_tier_loaded_bytes", "Bytes copied from the tier into the pool."),
+                ("kv_tier_saves", "kv_tier_saves", "Chunks written to the cluster KV tier."),
+                ("kv_tier_saved_bytes", "kv_tier_saved_bytes", "Bytes copied from the pool to the tier."),
             )
         }
         self._seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)

@@ -302,3 +302,19 @@ class EngineStats(BaseModel):
     num_preemptions: int
     num_steps: int
     generation_tokens: int
+    kv_tier_lookups: float = 0
+    """Prompts looked up in the cluster KV tier."""
+    kv_tier_lookup_failures: float = 0
+    """Lookups that timed out or found no store (the prompt was computed)."""
+    kv_tier_hit_tokens: float = 0
+    """Prompt tokens loaded from the cluster KV tier instead of computed."""
+    kv_tier_loads: float = 0
+    """Sequences that loaded chunks from the tier."""
+    kv_tier_load_failures: float = 0
+    """Chunks whose load failed (recomputed)."""
+    kv_tier_load_seconds: float = 0
+    """Time sequences waited for their loads, summed."""
+    kv_tier_loaded_bytes: float = 0
+    kv_tier_saves: float = 0
+    """Chunks written to the tier."""
+    kv_tier_saved_bytes: float = 0

@@ -118,8 +118,37 @@ class SequenceStep:
 
 
 @dataclass(frozen=True)
+class ChunkCopy:
+    """Blocks of one chunk of the cluster KV tier copied between the pool and the file a store
+    owns (parallel.kv_tier.chunk_files). A save writes the whole chunk from `block_ids`; a load
+    copies chunk blocks [first, first + len(block_ids)) into `block_ids`."""
+
+    path: str
+    """The file, with "{rank}" standing for the rank whose shard of the chunk it holds."""
+    block_ids: tuple[int, ...]
+    first: int = 0
+    checksums: tuple[str, ...] = ()
+    """A load's: each rank's file digest as the store recorded it; a file that differs is
+    not read (a recompute, never wrong K/V)."""
+
+
+@dataclass(frozen=True)
+class ChunkWritten:
+    """One rank's file of a saved chunk, as the store records it."""
+
+    nbytes: int
+    checksum: str
+
+
+@dataclass(frozen=True)
 class StepInput:
     seqs: list[SequenceStep]
+    saves: tuple[ChunkCopy, ...] = ()
+    """Chunks copied from the pool to the tier before anything of this step is computed (their
+    blocks may be reused by this step's tokens)."""
+    loads: tuple[ChunkCopy, ...] = ()
+    """Chunks copied from the tier into the pool after the saves, before the forward. The
+    sequences they are for are not in `seqs`: they continue next step from what loaded."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +168,11 @@ class StepOutput:
     """One per prompt target of the step, in input order (`token_id` is the target)."""
     embeddings: dict[int, list[float]] = field(default_factory=dict)
     """seq_id -> the hidden state of each sequence that asked to `embed`."""
+    saved: tuple[tuple[ChunkWritten, ...] | None, ...] = ()
+    """Per save of the input: every rank's file in rank order, or None where any rank failed."""
+    loaded: tuple[bool, ...] = ()
+    """Per load of the input: whether every rank copied its shard in (the least of the ranks:
+    a sharded replica uses a chunk only when all of them hold it)."""
 
 
 @dataclass(frozen=True)

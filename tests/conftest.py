@@ -78,6 +78,17 @@ def ray_cluster() -> Iterator[None]:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    remove_kv_store_files()
+
+
+def remove_kv_store_files() -> None:
+    """The node KV stores' shared memory (a store wipes its own at start; Ray's end does not)."""
+    import shutil
+
+    from parallel.kv_tier.store import default_directory
+
+    for directory in default_directory("x").parent.glob("shardserve-kv-*"):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

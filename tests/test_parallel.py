@@ -285,3 +285,53 @@ def test_unsharded_cuda_replica_without_a_gpu_fails_to_build_naming_it(ray_clust
     with pytest.raises(ValueError, match=r"GPU 1 \(largest available 0\)"):
         bind_app(ShardserveArgs.model_validate(args))
     bind_app(ShardserveArgs.model_validate({**args, "parallel": {"allow_pending_placement": True}}))
+
+
+def test_sharded_ranks_save_and_load_their_shards_through_the_kv_tier(reference, tmp_path) -> None:
+    """tp=2 x pp=2: each of the four ranks writes its own shard of a chunk and reads it back
+    into a pool that never computed it; the greedy tokens are the unsharded model's."""
+    from deployments.config import KVTierConfig
+    from deployments.engine.kv_keys import KVNamespace
+    from deployments.replica.kv_tier_client import KVTierClient
+    from parallel.kv_tier.store import KVStore
+
+    long_prompt = [10 + (7 * j) % 480 for j in range(70)]  # 4 usable blocks of 16: 2 chunks
+    store = KVStore(str(tmp_path / "store"), budget_bytes=2**30)
+    tier = KVTierClient(store, store.directory(), KVTierConfig(chunk_blocks=2, min_sightings=1, lookup_timeout_ms=5000))
+    namespace = KVNamespace("tiny", "float32", KV.block_size, tensor_parallel_size=2, pipeline_parallel_size=2)
+
+    async def generate(runner, info) -> tuple[list[int], LLMEngine]:
+        engine = LLMEngine(runner, info, EngineConfig().scheduler_spec(), namespace=namespace, tier=tier)
+        hint = await tier.hint(engine.chunk_keys(long_prompt, None, 2))
+        (seq,) = engine.add(long_prompt, [(SamplingSpec(), 0)], 12, ignore_eos=True, tier=hint)
+        tokens = [t.token_id async for batch in engine.stream(seq) for t in batch]
+        deadline = time.monotonic() + 20
+        while store.stats().held_chunks < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the saves run on the step after the last token
+        return tokens, engine
+
+    local = LocalModelRunner(args_for(1, 1).model_spec(), KV)
+    expected = asyncio.run(greedy_alone(local, local.load(), long_prompt))
+    local.shutdown()
+    args = args_for(2, 2)
+    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
+    try:
+        info = runner.load()
+        computed, _ = asyncio.run(generate(runner, info))
+        assert computed == expected and store.stats().held_chunks == 2
+        assert len(list((tmp_path / "store").glob("*.r*"))) == 2 * 4  # a file per chunk per rank
+        # Another prompt through a fresh engine takes the same blocks from the start of the pool
+        # and overwrites them; then a fresh engine again, whose pool holds nothing it can use.
+        asyncio.run(greedy_alone(runner, info, [11 + (5 * j) % 470 for j in range(80)]))
+        loaded, engine = asyncio.run(generate(runner, info))
+        assert loaded == expected
+        assert engine.counters().kv_tier_hit_tokens == 4 * KV.block_size
+    finally:
+        runner.shutdown()
+    wait_until(lambda: not alive_ranks(), timeout_s=30)
+
+
+async def greedy_alone(runner, info, prompt: list[int]) -> list[int]:
+    engine = LLMEngine(runner, info, EngineConfig().scheduler_spec())
+    (seq,) = engine.add(prompt, [(SamplingSpec(), 0)], 12, ignore_eos=True)
+    return [t.token_id async for batch in engine.stream(seq) for t in batch]

@@ -1,8 +1,9 @@
 """KV-cache block accounting with prefix caching. Pure Python: the tensors live in the runner.
 
-Each sequence owns a block table (block ids in order). A full block is indexed by a hash of its
-tokens chained with the hash of the block before it, so two prompts share a cached block only
-when everything up to and including that block is identical. Blocks whose reference count drops
+Each sequence owns a block table (block ids in order). A full block is indexed by its key, a
+SHA-256 of its tokens chained with the key of the block before it under the pool's namespace
+(`deployments.engine.kv_keys`), so two prompts share a cached block only when everything up to
+and including that block is identical. Blocks whose reference count drops
 to zero stay indexed (and reusable) until the space is needed; then the least recently used is
 evicted.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from deployments.engine.kv_keys import BlockKey, KVNamespace, chain_key
 
 TokenRange = Callable[[int, int], list[int]]
 """tokens(start, end): a sequence's tokens in [start, end)."""
@@ -25,7 +28,7 @@ class NoFreeBlocks(Exception):
 class _Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: BlockKey | None = None
 
 
 @dataclass
@@ -34,25 +37,25 @@ class BlockTable:
 
     blocks: list[int] = field(default_factory=list)
     cached_tokens: int = 0
-    hashes: list[int] = field(default_factory=list)  # hashes of the leading full blocks
-    root: int | None = None  # the chain's start: a tenant's salt, so tenants never share blocks
-
-
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+    hashes: list[BlockKey] = field(default_factory=list)  # keys of the leading full blocks
+    root: BlockKey = b""  # the chain's start: the namespace with the tenant's salt
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: KVNamespace | None = None
+    ) -> None:
+        """`namespace`: what the keys are under (None: a pool whose keys never leave it)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.namespace = namespace or KVNamespace("process-local", "unknown", block_size)
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed, pop from end
         self._evictable: OrderedDict[int, None] = OrderedDict()  # ref 0 but hashed, LRU first
-        self._by_hash: dict[int, int] = {}
+        self._by_hash: dict[BlockKey, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached
 
@@ -76,13 +79,13 @@ class BlockManager:
 
         Leading full blocks found in the prefix cache are shared, never recomputed; at least the
         last token is always left to compute, since its logits are needed. Raises NoFreeBlocks
-        (allocating nothing) when the pool cannot hold it. A `salt` (the tenant) starts the hash
+        (allocating nothing) when the pool cannot hold it. A `salt` (the tenant) starts the key
         chain, so prompts of different tenants never share cached blocks. `reuse=False` computes
         every token (its blocks are still indexed for others once computed).
         """
-        table = BlockTable(root=None if salt is None else hash(("salt", salt)))
+        table = BlockTable(root=self.namespace.root(salt))
         cached: list[int] = []
-        hashes: list[int] = []
+        hashes: list[BlockKey] = []
         if self.enable_prefix_caching and reuse:
             usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
             hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, table.root)
@@ -145,12 +148,12 @@ class BlockManager:
 
     # ---- internals -------------------------------------------------------------------------
 
-    def _block_hashes(self, tokens: TokenRange, first: int, stop: int, parent: int | None) -> list[int]:
-        """Chained hashes of blocks [first, stop), continuing from the hash of block first-1."""
-        hashes: list[int] = []
+    def _block_hashes(self, tokens: TokenRange, first: int, stop: int, parent: BlockKey) -> list[BlockKey]:
+        """Chained keys of blocks [first, stop), continuing from the key of block first-1."""
+        hashes: list[BlockKey] = []
         bs = self.block_size
         for i in range(first, stop):
-            parent = chain_hash(parent, tuple(tokens(i * bs, (i + 1) * bs)))
+            parent = chain_key(parent, tokens(i * bs, (i + 1) * bs))
             hashes.append(parent)
         return hashes
 

@@ -16,10 +16,22 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 
 from deployments.engine.block_manager import BlockManager
+from deployments.engine.kv_keys import BlockKey, KVNamespace, block_keys, chunk_key
+from deployments.engine.kv_tier import TierHint, TierLoad, TierSink, due_saves, loaded_blocks
 from deployments.engine.scheduler import Constraint, Scheduled, Scheduler, SchedulerSpec, Sequence
 from deployments.errors import EngineFault, Overloaded
 from deployments.types import EngineStats
-from parallel.runner import ModelInfo, ModelRunner, SampledToken, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runner import (
+    ChunkCopy,
+    ChunkWritten,
+    ModelInfo,
+    ModelRunner,
+    SampledToken,
+    SamplingSpec,
+    SequenceStep,
+    StepInput,
+    StepOutput,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +43,21 @@ class LLMEngine:
         info: ModelInfo,
         config: SchedulerSpec,
         on_fault: Callable[[BaseException], None] | None = None,
+        namespace: KVNamespace | None = None,
+        tier: TierSink | None = None,
     ) -> None:
-        """`on_fault` is told once when the runner fails: the engine is done for good then."""
+        """`on_fault` is told once when the runner fails: the engine is done for good then.
+        `namespace`: what the pool's block keys are under (the model's fingerprint and layout);
+        `tier`: where saved chunks of the cluster KV tier are written and committed."""
         self._runner = runner
         self._on_fault = on_fault
         self._info = info
-        self._blocks = BlockManager(info.num_kv_blocks, info.block_size, config.enable_prefix_caching)
+        self._blocks = BlockManager(info.num_kv_blocks, info.block_size, config.enable_prefix_caching, namespace)
+        self._tier = tier
+        self._saves: list[tuple[BlockKey, ChunkCopy]] = []
+        self._tier_counts = dict.fromkeys(
+            ("hit_tokens", "loads", "load_failures", "load_seconds", "loaded_bytes", "saves", "saved_bytes"), 0.0
+        )
         self._scheduler = Scheduler(config, self._blocks, info.max_model_len)
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
@@ -54,7 +75,16 @@ class LLMEngine:
             num_preemptions=self._scheduler.num_preemptions,
             num_steps=self._steps,
             generation_tokens=self._generated,
+            **{f"kv_tier_{k}": v for k, v in self._tier_counts.items()},
         )
+
+    def chunk_keys(self, prompt_ids: list[int], salt: str | None, chunk_blocks: int) -> list[BlockKey]:
+        """Keys of the prompt's whole chunks of `chunk_blocks` blocks (each from the key of its
+        last block), short of the block that holds the last token (always computed)."""
+        bs = self._info.block_size
+        usable = (len(prompt_ids) - 1) // bs * bs
+        keys = block_keys(self._blocks.namespace.root(salt), prompt_ids[:usable], bs)
+        return [chunk_key(k, chunk_blocks) for k in keys[chunk_blocks - 1 :: chunk_blocks]]
 
     @property
     def num_running(self) -> int:
@@ -71,6 +101,7 @@ class LLMEngine:
         min_tokens: int = 0,
         constraint: Constraint | None = None,
         prompt_top_logprobs: int | None = None,
+        tier: TierHint | None = None,
     ) -> list[Sequence]:
         """Queue one sequence per (sampling, seed); refuses all at once (503) when full.
         `cache_salt` (the tenant) keeps its prefix-cache blocks apart from other tenants'.
@@ -78,7 +109,8 @@ class LLMEngine:
         is sampled before `min_tokens` outputs. With a `constraint` every output follows its
         grammar and ends ("stop") when the grammar is complete. With `prompt_top_logprobs` the
         first sequence scores its prompt tokens (`Sequence.prompt_scores`, complete once
-        `prompt_read` is set)."""
+        `prompt_read` is set). `tier`: what the cluster KV tier holds of the prompt (and wants
+        of it), from a lookup with `chunk_keys`."""
         self._check_healthy()
         stop = (frozenset() if ignore_eos else frozenset(self._info.eos_token_ids)) | frozenset(stop_token_ids)
         seqs = [
@@ -92,6 +124,7 @@ class LLMEngine:
                 cache_salt=cache_salt,
                 constraint=constraint.start() if constraint is not None else None,
                 prompt_top_logprobs=prompt_top_logprobs if i == 0 else None,
+                tier=tier if self._tier is not None else None,
             )
             for i, (spec, seed) in enumerate(samplings)
         ]
@@ -174,17 +207,65 @@ class LLMEngine:
         for seq in scheduler.drop_aborted():
             self._end(seq, "abort")
         batch = scheduler.schedule()
-        if not batch:
+        loads = scheduler.take_loads()
+        for seq in scheduler.running:  # the chunks the pool had or loaded last step
+            self._queue_saves(seq)
+        saves, self._saves = self._saves, []
+        if not (batch or loads or saves):
             self._wakeup.clear()
             if not scheduler.has_work():
                 await self._wakeup.wait()
             else:  # blocked on KV blocks held by nothing running: cannot happen, but never spin
                 await asyncio.sleep(0.001)
             return
-        step_input = StepInput(seqs=[self._feed(s) for s in batch])
+        step_input = StepInput(
+            seqs=[self._feed(s) for s in batch],
+            saves=tuple(copy for _, copy in saves),
+            loads=tuple(copy for _, load in loads for copy in load.copies),
+        )
         output = await asyncio.to_thread(self._runner.step, step_input)
         self._steps += 1
+        self._landed(loads, output.loaded)
+        self._saved(saves, output.saved)
         self._apply(batch, step_input, output)
+
+    def _queue_saves(self, seq: Sequence) -> None:
+        """Queue saves of seq's chunks that the tier wants and that are computed now."""
+        if seq.tier is None or seq.table is None or self._tier is None or not seq.tier.wanted - seq.tier.queued:
+            return
+        computed = min(seq.num_computed, len(seq.prompt_ids)) // self._info.block_size
+        self._saves.extend(due_saves(seq.tier, seq.table.blocks, computed, self._tier))
+
+    def _landed(self, loads: list[tuple[Sequence, TierLoad]], loaded: tuple[bool, ...]) -> None:
+        """Sequences whose tier loads were in the step go on from what landed."""
+        results = iter(loaded)
+        bs, counts, now = self._info.block_size, self._tier_counts, time.monotonic()
+        for seq, load in loads:
+            oks = [next(results) for _ in load.copies]
+            if seq.loading is not load or seq.table is None:  # ended meanwhile
+                continue
+            local = seq.num_computed // bs
+            usable = loaded_blocks(load, local, oks)
+            seq.loading = None
+            seq.num_computed = usable * bs
+            self._blocks.register_full_blocks(seq.table, seq.tokens, seq.num_computed)
+            counts["hit_tokens"] += (usable - local) * bs
+            counts["loads"] += 1
+            counts["load_failures"] += oks.count(False)
+            counts["load_seconds"] += now - load.started
+            counts["loaded_bytes"] += load.nbytes * sum(oks) // max(1, len(oks))
+
+    def _saved(self, saves: list[tuple[BlockKey, ChunkCopy]], saved: tuple[tuple[ChunkWritten, ...] | None, ...]) -> None:
+        for (key, copy), written in zip(saves, saved, strict=True):
+            if written is None or self._tier is None:
+                continue
+            try:
+                self._tier.commit(key, copy.path, written)
+            except Exception:  # the tier is a cache: whatever fails there, generation goes on
+                logger.warning("KV tier commit failed", exc_info=True)
+                continue
+            self._tier_counts["saves"] += 1
+            self._tier_counts["saved_bytes"] += sum(w.nbytes for w in written)
 
     @staticmethod
     def _feed(s: Scheduled) -> SequenceStep:
@@ -223,6 +304,7 @@ class LLMEngine:
                 seq.prompt_read.set()
             if seq.table is not None:
                 self._blocks.register_full_blocks(seq.table, seq.tokens, seq.num_computed)
+                self._queue_saves(seq)  # before it may end and free its blocks
             if seq.embed:
                 if s.samples and seq.finish_reason is None:
                     seq.embedding = output.embeddings[seq.seq_id]

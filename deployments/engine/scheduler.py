@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from deployments.engine.block_manager import BlockManager, BlockTable, NoFreeBlocks
+from deployments.engine.kv_tier import TierHint, TierLoad, plan_load
 from deployments.errors import InvalidRequest, Overloaded
 from parallel.runner import SampledToken, SamplingSpec
 
@@ -94,6 +95,8 @@ class Sequence:
     scheduled_at: float | None = None  # first admitted to the running batch (queue time ends)
     first_token_at: float | None = None
     num_preemptions: int = 0
+    tier: TierHint | None = None  # what the cluster KV tier holds of its prompt, and wants of it
+    loading: TierLoad | None = None  # chunks being copied in from the tier (it waits a step)
 
     @property
     def num_tokens(self) -> int:
@@ -137,6 +140,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._loading: list[Sequence] = []
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue a request's sequences, or refuse all of them at once."""
@@ -177,7 +181,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted while making room for an earlier one
+            if seq not in self.running or seq.loading is not None:  # preempted; or its KV is on its way
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)  # a decode: 1; a prefill: next chunk
             if not self._grow(seq, seq.num_computed + n, out):
@@ -196,11 +200,30 @@ class Scheduler:
             if seq.scheduled_at is None:
                 seq.scheduled_at = time.monotonic()
             seq.num_computed = seq.table.cached_tokens
-            n = min(seq.num_tokens - seq.num_computed, budget)
             self.running.append(seq)
+            if self._load_from_tier(seq):
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
             out.append(Scheduled(seq, seq.num_computed, n))
             budget -= n
         return out
+
+    def take_loads(self) -> list[tuple[Sequence, TierLoad]]:
+        """The tier loads the last `schedule` planned, for the step it scheduled."""
+        loading, self._loading = self._loading, []
+        return [(seq, seq.loading) for seq in loading if seq.loading is not None]
+
+    def _load_from_tier(self, seq: Sequence) -> bool:
+        """Plan copying the tier's chunks of seq's prompt past the pool's own hit; True if any."""
+        if seq.tier is None or seq.table is None or seq.scores_prompt:
+            return False
+        bs = self.blocks.block_size
+        usable = (len(seq.prompt_ids) - 1) // bs
+        seq.loading = plan_load(seq.tier, seq.table.blocks, seq.num_computed // bs, usable, time.monotonic())
+        if seq.loading is None:
+            return False
+        self._loading.append(seq)
+        return True
 
     def _grow(self, seq: Sequence, num_slots: int, scheduled: list[Scheduled]) -> bool:
         """Make seq's table hold num_slots tokens, preempting later arrivals if needed."""
@@ -216,6 +239,7 @@ class Scheduler:
                     return False
 
     def _preempt(self, seq: Sequence, scheduled: list[Scheduled]) -> None:
+        seq.loading = None  # (loads land within the step that planned them: none is in flight here)
         self.finish(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1

@@ -22,12 +22,14 @@ from ray.serve.handle import DeploymentHandle
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.config import ShardserveArgs
 from deployments.engine.engine import LLMEngine
+from deployments.engine.kv_keys import KVNamespace
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
 from deployments.limits import check_budget, check_in_vocabulary, check_request, check_token_ids
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.replica.checkpoint import ServedCheckpoint
 from deployments.replica.grammar import Constraint, ConstraintCompiler
+from deployments.replica.kv_tier_client import KVTierClient
 from deployments.replica.output import normalized, prompt_logprobs
 from deployments.replica.output_stream import output_chunks
 from deployments.replica.tool_calls import format_of, tool_constraint, with_tool_calls
@@ -69,7 +71,18 @@ class LLMServer:
         self._info = self._checkpoint.with_stop_ids(self._runner.load())
         startup.lap("load_model")
         _log_context(self._info, self._checkpoint.sampling_defaults)
-        self._engine = LLMEngine(self._runner, self._info, args.engine.scheduler_spec(), on_fault=self._leave)
+        namespace = KVNamespace(
+            self._checkpoint.fingerprint,
+            self._info.dtype,
+            self._info.block_size,
+            args.tensor_parallel_size,
+            args.pipeline_parallel_size,
+        )
+        use_tier = args.kv_tier.enabled and args.engine.enable_prefix_caching
+        self._tier = KVTierClient.for_this_node(args.kv_tier) if use_tier else None
+        self._engine = LLMEngine(
+            self._runner, self._info, args.engine.scheduler_spec(), on_fault=self._leave, namespace=namespace, tier=self._tier
+        )
         self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
         parser = args.tool_call_parser
         self._tool_format = format_of(self._tokenizer.chat_template) if parser == "auto" else parser
@@ -77,7 +90,7 @@ class LLMServer:
         self._created = int(time.time())
         context = serve.get_replica_context()
         record_served(context.app_name, context.deployment)  # see deployments.served_flag
-        self._metrics = EngineMetrics(args.model_name, self._engine.counters)
+        self._metrics = EngineMetrics(args.model_name, self._stats)
         self._metrics.startup(startup.phases)
         self._metrics.model_info(self._info.dtype, self._info.attention_backend, self._info.fused_ops)
         logger.info("replica ready: %s", ", ".join(f"{k}={v:.2f}s" for k, v in startup.phases.items()))
@@ -169,7 +182,15 @@ class LLMServer:
             yield chunk
 
     async def engine_stats(self) -> EngineStats:
-        return self._engine.counters()
+        return self._stats()
+
+    def _stats(self) -> EngineStats:
+        stats = self._engine.counters()
+        if self._tier is not None:
+            stats = stats.model_copy(
+                update={"kv_tier_lookups": self._tier.lookups, "kv_tier_lookup_failures": self._tier.lookup_failures}
+            )
+        return stats
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve reads this every `metrics_interval_s`; EngineLoadPolicy scales on it."""
@@ -292,6 +313,9 @@ class LLMServer:
         base_seed = request.seed if request.seed is not None else random.getrandbits(62)
         spec = request.sampling_spec(request.logprobs)
         samplings = [(spec, base_seed + i) for i in range(request.n)]
+        tier = None
+        if self._tier is not None and request.prompt_top_logprobs is None:  # scored prompts are computed whole
+            tier = await self._tier.hint(self._engine.chunk_keys(prompt_ids, request.tenant, self._tier.chunk_blocks))
         seqs = self._engine.add(
             prompt_ids,
             samplings,
@@ -302,6 +326,7 @@ class LLMServer:
             min_tokens=request.min_tokens,
             constraint=constraint,
             prompt_top_logprobs=request.prompt_top_logprobs,
+            tier=tier,
         )
         started = time.monotonic()
         timeout_s = self._args.engine.request_timeout_s

@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -117,6 +118,29 @@ class DistributedModelRunner:
     def step(self, step_input: StepInput) -> StepOutput:
         if self._fault is not None:
             raise RunnerFault(self._fault)
+        copies = self._copy_kv(step_input) if step_input.saves or step_input.loads else {}
+        if not step_input.seqs:
+            return StepOutput([], **copies)
+        output = self._forward(step_input)
+        return replace(output, **copies) if copies else output
+
+    def _copy_kv(self, step_input: StepInput) -> dict[str, tuple]:
+        """Every rank's copies of its shard, before the forward: a chunk saved only if every
+        rank wrote its file, a load used only if every rank read its own (the ranks agree on
+        the least)."""
+        refs = [w.copy_kv.remote(step_input.saves, step_input.loads) for w in self._workers]
+        try:
+            per_rank = ray.get(refs, timeout=self._parallel.step_timeout_s)
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise RunnerFault(self._fault) from exc
+        saved = tuple(
+            None if any(w is None for w in written) else tuple(written) for written in zip(*(s for s, _ in per_rank), strict=True)
+        )
+        loaded = tuple(all(ok) for ok in zip(*(ld for _, ld in per_rank), strict=True))
+        return {"saved": saved, "loaded": loaded}
+
+    def _forward(self, step_input: StepInput) -> StepOutput:
         micro = _split(step_input, self._micro_batches(len(step_input.seqs)))
         last_rank = self._layout.world_size - self._layout.tensor_parallel_size  # type: ignore[union-attr]
         refs = [[w.step.remote(mb) for w in self._workers] for mb in micro]

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +24,7 @@ from parallel.checkpoints.loading import (
     load_hf_model,
 )
 from parallel.checkpoints.validation import weight_bytes
+from parallel.kv_tier.chunk_files import apply_copies
 from parallel.model.architectures import architecture_of
 from parallel.model.cpu_attention import attention_backend
 from parallel.model.fused_layers import fuse_projections, fused_layer_ops
@@ -152,9 +154,16 @@ class LocalModelRunner:
 
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"
+        written, loaded = apply_copies(self._paged.cache, step_input.saves, step_input.loads)
+        saved = tuple(None if w is None else (w,) for w in written)  # one rank's file per chunk
+        if not step_input.seqs:
+            return StepOutput([], saved=saved, loaded=tuple(loaded))
         batch = self._paged.prepare(step_input)
         out = self._paged.forward_outputs(batch)
-        return sample_step(out.values, step_input, out.pooled)
+        result = sample_step(out.values, step_input, out.pooled)
+        if saved or loaded:
+            result = replace(result, saved=saved, loaded=tuple(loaded))
+        return result
 
     def health(self) -> None:
         if self._paged is None:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from parallel.checkpoints.int8_shards import requantize_shards
 from parallel.checkpoints.loading import DTYPES, load_model_config
+from parallel.kv_tier.chunk_files import apply_copies
 from parallel.model.architectures import architecture_of
 from parallel.model.cpu_attention import attention_backend
 from parallel.model.fused_layers import fused_layer_ops
@@ -28,7 +29,7 @@ from parallel.model.host_memory import retain_freed_memory
 from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
 from parallel.model.sampling import sample_step
-from parallel.runner import ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runner import ChunkCopy, ChunkWritten, ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.runners.placement import ParallelLayout, RankPlacement
 
@@ -183,6 +184,11 @@ class RankWorker:
         if out is None or self._placement.tp_rank != 0:  # type: ignore[union-attr]
             return None
         return sample_step(out.values, step_input, out.pooled)
+
+    def copy_kv(self, saves: tuple[ChunkCopy, ...], loads: tuple[ChunkCopy, ...]) -> tuple[list[ChunkWritten | None], list[bool]]:
+        """This rank's shard of a step's KV tier copies (its own files: `{rank}` is its rank)."""
+        assert self._paged is not None and self._placement is not None, "setup() first"
+        return apply_copies(self._paged.cache, saves, loads, self._placement.rank)
 
     def logits(self, step_input: StepInput) -> torch.Tensor | None:
         """The last stage's logits rows for a step (tests compare sharded against whole)."""
