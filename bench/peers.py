@@ -177,16 +177,23 @@ class VLLMCPU:
         max_model_len: int = 2048,
         stream_interval: int = 1,
         threads_bind: str | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
+        """`kv_cache_bytes`: its KV pool's exact size (`--kv-cache-memory-bytes`) instead of
+        VLLM_CPU_KVCACHE_SPACE's 2 GiB, for a comparison at a given pool size."""
         python = vllm_python(log)
         self.url = f"http://127.0.0.1:{port}"
         self.log = open(f"/tmp/vllm-cpu-{port}.log", "w")
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+        if kv_cache_bytes is None:
+            env["VLLM_CPU_KVCACHE_SPACE"] = "2"  # (it would override --kv-cache-memory-bytes)
         if threads_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--dtype", "float32",
                "--max-model-len", str(max_model_len), "--served-model-name", served_name, "--host", "127.0.0.1",
                "--port", str(port), "--stream-interval", str(stream_interval)]  # fmt: skip
+        if kv_cache_bytes is not None:
+            cmd += ["--kv-cache-memory-bytes", str(kv_cache_bytes)]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = 600) -> None:

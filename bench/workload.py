@@ -96,7 +96,7 @@ async def run_load(
                     **({"ignore_eos": True} if ignore_eos else {}),
                     **(extra or {}),
                 }
-                result = await (_streamed(client, body) if stream else _whole(client, body))
+                result = await (streamed(client, body) if stream else _whole(client, body))
             done += 1
             if progress and (done % max(1, len(requests) // 10) == 0 or done == len(requests)):
                 print(f"  {progress}: {done}/{len(requests)} requests", flush=True)
@@ -116,7 +116,8 @@ async def _whole(client: httpx.AsyncClient, body: dict) -> RequestResult:
     return RequestResult(True, elapsed, elapsed, res.json()["usage"]["completion_tokens"])
 
 
-async def _streamed(client: httpx.AsyncClient, body: dict) -> RequestResult:
+async def streamed(client: httpx.AsyncClient, body: dict) -> RequestResult:
+    """One streamed completion (`body` as the OpenAI route takes it), timed."""
     start = time.perf_counter()
     first: float | None = None
     last_text: float | None = None

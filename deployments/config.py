@@ -134,6 +134,15 @@ class KVTierConfig(StrictModel):
     lookup_timeout_ms: float = Field(default=50.0, gt=0)
     """Most a request waits for the store's answer before computing its prompt anyway."""
 
+    host_memory_mb: int | None = Field(default=None, ge=0)
+    """The host tier in each replica, between its pool and the node store: blocks evicted from
+    the pool are copied to this much host memory (each rank its shard) and copied back on a hit,
+    in the same step. None: `host_memory_fraction` of the host memory free once the pool is
+    allocated; 0: none."""
+
+    host_memory_fraction: float = Field(default=0.05, ge=0, le=0.5)
+    """Share of the free host memory the host tier takes when `host_memory_mb` is not set."""
+
 
 class LimitsConfig(StrictModel):
     """Bounds on what one request may ask for; each violation is a 4xx naming the field."""
@@ -447,7 +456,16 @@ class ShardserveArgs(StrictModel):
             memory_fraction=fraction,
             max_num_seqs=engine.max_num_seqs,
             max_num_batched_tokens=engine.max_num_batched_tokens,
+            **self._host_tier(),
         )
+
+    def _host_tier(self) -> dict[str, int | float | None]:
+        tier = self.kv_tier
+        if not (tier.enabled and self.engine.enable_prefix_caching) or tier.host_memory_mb == 0:
+            return {"host_memory_bytes": None, "host_memory_fraction": 0.0}
+        if tier.host_memory_mb is not None:
+            return {"host_memory_bytes": tier.host_memory_mb * 2**20, "host_memory_fraction": 0.0}
+        return {"host_memory_bytes": None, "host_memory_fraction": tier.host_memory_fraction}
 
     @model_validator(mode="after")
     def _cuda_dtype(self) -> ShardserveArgs:

@@ -129,6 +129,8 @@ class EngineMetrics:
                 ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
                 ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
                 ("num_preemptions", "num_preemptions", "Sequences preempted for lack of KV blocks."),
+                ("host_cache_hit_tokens", "host_kv_cache_hit_tokens", "Prompt tokens copied back from the host tier."),
+                ("host_cache_offloads", "host_kv_cache_offloads", "Blocks evicted from the pool into the host tier."),
                 ("kv_tier_lookups", "kv_tier_lookups", "Prompts looked up in the cluster KV tier."),
                 ("kv_tier_lookup_failures", "kv_tier_lookup_failures", "Tier lookups that timed out or found no store."),
                 ("kv_tier_hit_tokens", "kv_tier_hit_tokens", "Prompt tokens loaded from the cluster KV tier."),

@@ -302,6 +302,10 @@ class EngineStats(BaseModel):
     num_preemptions: int
     num_steps: int
     generation_tokens: int
+    host_cache_hit_tokens: float = 0
+    """Prompt tokens copied back from the replica's host tier instead of computed."""
+    host_cache_offloads: float = 0
+    """Blocks evicted from the pool into the host tier."""
     kv_tier_lookups: float = 0
     """Prompts looked up in the cluster KV tier."""
     kv_tier_lookup_failures: float = 0

@@ -69,11 +69,17 @@ class KVCacheSpec:
     max_num_seqs: int
     max_num_batched_tokens: int
     """Tokens of the largest step: the profiling forward on cuda runs this many."""
+    host_memory_bytes: int | None = None
+    """The host tier behind the pool (blocks evicted from it, kept in host memory and copied
+    back on a hit): this many bytes, or else `host_memory_fraction` of the host memory free
+    once the pool is allocated (0: none)."""
+    host_memory_fraction: float = 0.0
 
     @classmethod
-    def fixed(cls, block_size: int, num_blocks: int) -> KVCacheSpec:
-        """A pool of exactly num_blocks blocks (tests and benchmarks that need a known size)."""
-        return cls(block_size, num_blocks, None, 0.0, 0, 0)
+    def fixed(cls, block_size: int, num_blocks: int, host_blocks_bytes: int | None = None) -> KVCacheSpec:
+        """A pool of exactly num_blocks blocks (tests and benchmarks that need a known size),
+        and a host tier of `host_blocks_bytes` if given."""
+        return cls(block_size, num_blocks, None, 0.0, 0, 0, host_blocks_bytes)
 
 
 @dataclass(frozen=True)
@@ -149,6 +155,12 @@ class StepInput:
     loads: tuple[ChunkCopy, ...] = ()
     """Chunks copied from the tier into the pool after the saves, before the forward. The
     sequences they are for are not in `seqs`: they continue next step from what loaded."""
+    offloads: tuple[tuple[int, int], ...] = ()
+    """(pool block, host slot): blocks the engine evicted from the pool, copied to the host tier
+    first of all (this step may write over them)."""
+    onloads: tuple[tuple[int, int], ...] = ()
+    """(host slot, pool block): blocks copied back from the host tier after the offloads and
+    saves, before the forward that reads them (host memory does not fail: no step's wait)."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,8 @@ class ModelInfo:
     """The paged attention the forward runs with (parallel.model.cpu_attention)."""
     fused_ops: bool = False
     """Whether the layers' element-wise steps run as parallel.model.fused_layers' kernels."""
+    num_host_blocks: int = 0
+    """Blocks the host tier behind the pool holds (0: none)."""
 
 
 class ModelRunner(Protocol):

@@ -5,6 +5,7 @@ the same process, with a pool of its own). The Ray side is in test_kv_tier_http.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import time
@@ -166,7 +167,8 @@ def test_a_corrupt_or_missing_chunk_is_recomputed(tmp_path: Path) -> None:
         b = _engine(tier)
         assert await _generate(b, tier, PROMPT) == plain
         stats = b.counters()
-        assert stats.kv_tier_load_failures >= 1 and stats.kv_tier_hit_tokens < 40
+        assert stats.kv_tier_load_failures == 2 and stats.kv_tier_hit_tokens < 40
+        assert store.stats().held_chunks == 3  # the two that failed were dropped
 
     asyncio.run(run())
 
@@ -185,3 +187,45 @@ def test_a_store_that_does_not_answer_costs_a_recompute_only(tmp_path: Path) -> 
         assert tier.lookup_failures == 1
 
     asyncio.run(run())
+
+
+# ---- the host tier behind a replica's pool --------------------------------------------------------
+
+
+def test_evicted_blocks_go_to_the_host_tier_and_come_back_in_the_same_step() -> None:
+    from deployments.engine.block_manager import BlockManager
+
+    bm = BlockManager(num_blocks=7, block_size=4, namespace=NS, host_blocks=8)
+    a = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    ta = bm.allocate_prompt(a, reserve=0)  # 3 blocks
+    bm.register_full_blocks(ta, lambda s, e: a[s:e], 9)
+    bm.free(ta)
+    assert bm.take_host_copies() == ((), ())
+    tb = bm.allocate_prompt(list(range(30, 54)), reserve=0)  # 6 blocks: five free, then a's least recently used
+    evicted, onloads = bm.take_host_copies()
+    assert len(evicted) == 1 and onloads == ()
+    assert evicted[0][0] in tb.blocks  # the block a's second block was in went to b
+    bm.free(tb)
+    again = bm.allocate_prompt(a, reserve=0)
+    offloads, onloads = bm.take_host_copies()
+    assert offloads == () and again.cached_tokens == 8 and bm.host_hits == 4  # one block from the pool, one from the host
+    assert onloads == ((evicted[0][1], again.blocks[1]),)  # from the slot it went to, into a's table
+
+
+def test_an_engine_reads_back_from_its_host_tier_the_tokens_it_would_compute() -> None:
+    def engine(host: bool) -> LLMEngine:
+        kv = KVCacheSpec.fixed(block_size=4, num_blocks=24, host_blocks_bytes=64 * 4096 if host else None)
+        runner = LocalModelRunner(dataclasses.replace(SPEC, max_model_len=64), kv)
+        info = runner.load()
+        assert info.num_host_blocks == (64 if host else 0)
+        return LLMEngine(runner, info, EngineConfig().scheduler_spec(), namespace=NS)
+
+    prompts = [torch.randint(10, 500, (41,), generator=torch.Generator().manual_seed(s)).tolist() for s in (5, 6, 7)]
+
+    async def run(e: LLMEngine) -> list[list[int]]:
+        return [await _generate(e, None, p) for p in [*prompts, prompts[0], prompts[1]]]
+
+    with_host = engine(True)
+    assert asyncio.run(run(with_host)) == asyncio.run(run(engine(False)))
+    stats = with_host.counters()
+    assert stats.host_cache_offloads > 0 and stats.host_cache_hit_tokens >= 40  # the pool held one prompt at a time

@@ -287,9 +287,10 @@ def test_unsharded_cuda_replica_without_a_gpu_fails_to_build_naming_it(ray_clust
     bind_app(ShardserveArgs.model_validate({**args, "parallel": {"allow_pending_placement": True}}))
 
 
-def test_sharded_ranks_save_and_load_their_shards_through_the_kv_tier(reference, tmp_path) -> None:
+def test_sharded_ranks_save_and_load_their_shards_through_the_kv_tiers(reference, tmp_path) -> None:
     """tp=2 x pp=2: each of the four ranks writes its own shard of a chunk and reads it back
-    into a pool that never computed it; the greedy tokens are the unsharded model's."""
+    into a pool that never computed it, and keeps its shard of blocks evicted from a small pool
+    in its host tier; the greedy tokens are the unsharded model's."""
     from deployments.config import KVTierConfig
     from deployments.engine.kv_keys import KVNamespace
     from deployments.replica.kv_tier_client import KVTierClient
@@ -310,11 +311,15 @@ def test_sharded_ranks_save_and_load_their_shards_through_the_kv_tier(reference,
             await asyncio.sleep(0.01)  # the saves run on the step after the last token
         return tokens, engine
 
+    evicting = [[10 + (s * 13 + 3 * j) % 480 for j in range(200)] for s in range(2)]  # 14 blocks each with the output
     local = LocalModelRunner(args_for(1, 1).model_spec(), KV)
-    expected = asyncio.run(greedy_alone(local, local.load(), long_prompt))
+    local_info = local.load()
+    expected = asyncio.run(greedy_alone(local, local_info, long_prompt))
+    expected_evicting = [asyncio.run(greedy_alone(local, local_info, p)) for p in evicting]
     local.shutdown()
     args = args_for(2, 2)
-    runner = DistributedModelRunner(args.model_spec(), KV, args.parallel_spec())
+    small = KVCacheSpec.fixed(block_size=16, num_blocks=24, host_blocks_bytes=4 * 64 * 8192)  # two prompts do not fit
+    runner = DistributedModelRunner(args.model_spec(), small, args.parallel_spec())
     try:
         info = runner.load()
         computed, _ = asyncio.run(generate(runner, info))
@@ -326,9 +331,24 @@ def test_sharded_ranks_save_and_load_their_shards_through_the_kv_tier(reference,
         loaded, engine = asyncio.run(generate(runner, info))
         assert loaded == expected
         assert engine.counters().kv_tier_hit_tokens == 4 * KV.block_size
+
+        assert info.num_host_blocks >= 32
+        engine = LLMEngine(runner, info, EngineConfig().scheduler_spec(), namespace=namespace)
+        got = asyncio.run(_one_by_one(engine, [*evicting, evicting[0]]))
+        assert got == [*expected_evicting, expected_evicting[0]]
+        stats = engine.counters()
+        assert stats.host_cache_offloads > 0 and stats.host_cache_hit_tokens >= 2 * KV.block_size
     finally:
         runner.shutdown()
     wait_until(lambda: not alive_ranks(), timeout_s=30)
+
+
+async def _one_by_one(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        (seq,) = engine.add(p, [(SamplingSpec(), 0)], 12, ignore_eos=True)
+        out.append([t.token_id async for batch in engine.stream(seq) for t in batch])
+    return out
 
 
 async def greedy_alone(runner, info, prompt: list[int]) -> list[int]:

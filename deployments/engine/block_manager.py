@@ -41,11 +41,60 @@ class BlockTable:
     root: BlockKey = b""  # the chain's start: the namespace with the tenant's salt
 
 
+class HostIndex:
+    """Which keys the runner's host tier holds, in which slot, least recently used first.
+
+    A block evicted from the pool is copied to a slot (`put`); a prompt whose next block is
+    not in the pool but is here gets it copied back (`get`). Slots read by this step's copies
+    back are pinned until the step is built, so that no eviction of the same step reuses them.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        self._slots: OrderedDict[BlockKey, int] = OrderedDict()
+        self._free = list(range(num_slots - 1, -1, -1))
+        self._pinned: set[int] = set()
+
+    def peek(self, key: BlockKey) -> int | None:
+        return self._slots.get(key)
+
+    def get(self, key: BlockKey) -> int:
+        slot = self._slots[key]
+        self._slots.move_to_end(key)
+        self._pinned.add(slot)
+        return slot
+
+    def put(self, key: BlockKey) -> int | None:
+        """A slot to copy the block of `key` to; None if it is there already, or every slot is
+        pinned."""
+        if key in self._slots:
+            self._slots.move_to_end(key)
+            return None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((k for k, s in self._slots.items() if s not in self._pinned), None)
+            if victim is None:
+                return None
+            slot = self._slots.pop(victim)
+        self._slots[key] = slot
+        self._pinned.add(slot)  # written by this step's offloads: not reused before they run
+        return slot
+
+    def unpin(self) -> None:
+        self._pinned.clear()
+
+
 class BlockManager:
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, namespace: KVNamespace | None = None
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        namespace: KVNamespace | None = None,
+        host_blocks: int = 0,
     ) -> None:
-        """`namespace`: what the keys are under (None: a pool whose keys never leave it)."""
+        """`namespace`: what the keys are under (None: a pool whose keys never leave it).
+        `host_blocks`: slots of the runner's host tier behind the pool (0: none)."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -58,6 +107,11 @@ class BlockManager:
         self._by_hash: dict[BlockKey, int] = {}
         self.prefix_queries = 0  # prompt tokens looked up
         self.prefix_hits = 0  # prompt tokens found cached
+        self.host = HostIndex(host_blocks) if host_blocks and enable_prefix_caching else None
+        self.host_hits = 0  # prompt tokens copied back from the host tier
+        self.host_offloads = 0  # blocks copied to the host tier
+        self._offloads: list[tuple[int, int]] = []  # (block, slot) for the next step
+        self._onloads: list[tuple[int, int]] = []  # (slot, block) for the next step
 
     # ---- queries ---------------------------------------------------------------------------
 
@@ -86,6 +140,7 @@ class BlockManager:
         table = BlockTable(root=self.namespace.root(salt))
         cached: list[int] = []
         hashes: list[BlockKey] = []
+        from_host: list[BlockKey] = []
         if self.enable_prefix_caching and reuse:
             usable = (len(tokens) - 1) // self.block_size  # keep >= 1 token to compute
             hashes = self._block_hashes(lambda a, b: tokens[a:b], 0, usable, table.root)
@@ -94,19 +149,40 @@ class BlockManager:
                 if block_id is None:
                     break
                 cached.append(block_id)
-            self.prefix_queries += len(tokens)
-            self.prefix_hits += len(cached) * self.block_size
+            if self.host is not None:
+                for h in hashes[len(cached) :]:
+                    if self.host.peek(h) is None or h in self._by_hash:
+                        break
+                    from_host.append(h)
         total = self.blocks_needed(len(tokens) + reserve)
         fresh_needed = total - len(cached)
         reclaimable = len(self._free) + sum(1 for b in self._evictable if b not in cached)
         if fresh_needed > reclaimable:
             raise NoFreeBlocks
+        if self.enable_prefix_caching and reuse:
+            self.prefix_queries += len(tokens)
+            self.prefix_hits += len(cached) * self.block_size
         for block_id in cached:
             self._ref(block_id)
+        slots = [self.host.get(h) for h in from_host] if self.host is not None else []  # pinned before any eviction
         table.blocks = cached + [self._take() for _ in range(fresh_needed)]
-        table.cached_tokens = len(cached) * self.block_size
-        table.hashes = hashes[: len(cached)]
+        for i, (h, slot) in enumerate(zip(from_host, slots, strict=True), start=len(cached)):
+            block = self._blocks[table.blocks[i]]
+            block.block_hash = h  # its K/V is copied in before the step's forward
+            self._by_hash[h] = block.block_id
+            self._onloads.append((slot, block.block_id))
+        self.host_hits += len(from_host) * self.block_size
+        table.cached_tokens = (len(cached) + len(from_host)) * self.block_size
+        table.hashes = hashes[: len(cached) + len(from_host)]
         return table
+
+    def take_host_copies(self) -> tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]]:
+        """The (offloads, onloads) of the allocations since the last call, for the next step."""
+        copies = (tuple(self._offloads), tuple(self._onloads))
+        self._offloads, self._onloads = [], []
+        if self.host is not None:
+            self.host.unpin()
+        return copies
 
     def ensure_capacity(self, table: BlockTable, num_tokens: int) -> None:
         """Grow the table so it can hold num_tokens; raises NoFreeBlocks, allocating nothing."""
@@ -170,6 +246,11 @@ class BlockManager:
             block_id, _ = self._evictable.popitem(last=False)  # least recently used
             block = self._blocks[block_id]
             if block.block_hash is not None:
+                if self.host is not None:
+                    slot = self.host.put(block.block_hash)
+                    if slot is not None:
+                        self._offloads.append((block_id, slot))
+                        self.host_offloads += 1
                 del self._by_hash[block.block_hash]
                 block.block_hash = None
         else:

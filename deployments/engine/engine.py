@@ -52,7 +52,9 @@ class LLMEngine:
         self._runner = runner
         self._on_fault = on_fault
         self._info = info
-        self._blocks = BlockManager(info.num_kv_blocks, info.block_size, config.enable_prefix_caching, namespace)
+        self._blocks = BlockManager(
+            info.num_kv_blocks, info.block_size, config.enable_prefix_caching, namespace, info.num_host_blocks
+        )
         self._tier = tier
         self._saves: list[tuple[BlockKey, ChunkCopy]] = []
         self._tier_counts = dict.fromkeys(
@@ -75,6 +77,8 @@ class LLMEngine:
             num_preemptions=self._scheduler.num_preemptions,
             num_steps=self._steps,
             generation_tokens=self._generated,
+            host_cache_hit_tokens=self._blocks.host_hits,
+            host_cache_offloads=self._blocks.host_offloads,
             **{f"kv_tier_{k}": v for k, v in self._tier_counts.items()},
         )
 
@@ -211,7 +215,8 @@ class LLMEngine:
         for seq in scheduler.running:  # the chunks the pool had or loaded last step
             self._queue_saves(seq)
         saves, self._saves = self._saves, []
-        if not (batch or loads or saves):
+        offloads, onloads = self._blocks.take_host_copies()
+        if not (batch or loads or saves or offloads or onloads):
             self._wakeup.clear()
             if not scheduler.has_work():
                 await self._wakeup.wait()
@@ -222,6 +227,8 @@ class LLMEngine:
             seqs=[self._feed(s) for s in batch],
             saves=tuple(copy for _, copy in saves),
             loads=tuple(copy for _, load in loads for copy in load.copies),
+            offloads=offloads,
+            onloads=onloads,
         )
         output = await asyncio.to_thread(self._runner.step, step_input)
         self._steps += 1
@@ -242,6 +249,9 @@ class LLMEngine:
         bs, counts, now = self._info.block_size, self._tier_counts, time.monotonic()
         for seq, load in loads:
             oks = [next(results) for _ in load.copies]
+            for key, ok in zip(load.keys, oks, strict=True):
+                if not ok and self._tier is not None:
+                    self._forget(key)
             if seq.loading is not load or seq.table is None:  # ended meanwhile
                 continue
             local = seq.num_computed // bs
@@ -254,6 +264,12 @@ class LLMEngine:
             counts["load_failures"] += oks.count(False)
             counts["load_seconds"] += now - load.started
             counts["loaded_bytes"] += load.nbytes * sum(oks) // max(1, len(oks))
+
+    def _forget(self, key: BlockKey) -> None:
+        try:
+            self._tier.forget(key)  # type: ignore[union-attr]
+        except Exception:  # the tier is a cache: whatever fails there, generation goes on
+            logger.warning("KV tier forget failed", exc_info=True)
 
     def _saved(self, saves: list[tuple[BlockKey, ChunkCopy]], saved: tuple[tuple[ChunkWritten, ...] | None, ...]) -> None:
         for (key, copy), written in zip(saves, saved, strict=True):

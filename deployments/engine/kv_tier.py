@@ -46,6 +46,8 @@ class TierLoad:
     """A sequence's load in flight: one copy per chunk, in order."""
 
     copies: list[ChunkCopy]
+    keys: list[BlockKey]
+    """Each copy's chunk key."""
     ends: list[int]
     """Block count computed once each chunk, and every one before it, has loaded."""
     nbytes: int
@@ -63,6 +65,10 @@ class TierSink(Protocol):
         """Hand a written chunk to the store (without waiting for it)."""
         ...
 
+    def forget(self, key: BlockKey) -> None:
+        """A chunk failed to load (gone, or not what the store recorded): the store drops it."""
+        ...
+
 
 def plan_load(hint: TierHint, blocks: list[int], local_blocks: int, usable_blocks: int, started: float) -> TierLoad | None:
     """Copies of the held chunks past the `local_blocks` the pool already has, up to
@@ -71,14 +77,15 @@ def plan_load(hint: TierHint, blocks: list[int], local_blocks: int, usable_block
     end = min(len(hint.held) * cb, usable_blocks)
     if end <= local_blocks:
         return None
-    copies, ends, nbytes = [], [], 0
+    copies, keys, ends, nbytes = [], [], [], 0
     for c in range(local_blocks // cb, -(-end // cb)):
         lo, hi = max(local_blocks, c * cb), min(end, (c + 1) * cb)
         chunk = hint.held[c]
         copies.append(ChunkCopy(chunk.path, tuple(blocks[lo:hi]), lo - c * cb, chunk.checksums))
+        keys.append(hint.keys[c])
         ends.append(hi)
         nbytes += chunk.nbytes * (hi - lo) // cb
-    return TierLoad(copies, ends, nbytes, started)
+    return TierLoad(copies, keys, ends, nbytes, started)
 
 
 def loaded_blocks(load: TierLoad, local_blocks: int, loaded: list[bool]) -> int:

@@ -76,8 +76,14 @@ class KVTierClient:
     def commit(self, key: BlockKey, part: str, written: tuple[ChunkWritten, ...]) -> None:
         """Hand the chunk to the store without waiting: if it refuses or is gone, the part
         files are left for it (refused) or for the next store on the node (gone) to delete."""
-        fn = self._store.commit
-        args = (key, part, [w.checksum for w in written], [w.nbytes for w in written])
+        self._tell("commit", key, part, [w.checksum for w in written], [w.nbytes for w in written])
+
+    def forget(self, key: BlockKey) -> None:
+        self._tell("drop", key)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """Call the store without waiting for its answer."""
+        fn = getattr(self._store, method)
         fn.remote(*args) if hasattr(fn, "remote") else fn(*args)
 
     async def _call(self, method: str, *args: Any) -> Any:

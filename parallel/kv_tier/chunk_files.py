@@ -19,7 +19,7 @@ import struct
 import torch
 
 from parallel.model.paged_model import PagedKVCache
-from parallel.runner import ChunkCopy, ChunkWritten
+from parallel.runner import ChunkCopy, ChunkWritten, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +91,34 @@ def _copy_in(cache: PagedKVCache, copy: ChunkCopy, buf: mmap.mmap) -> None:
 
 
 def apply_copies(
-    cache: PagedKVCache, saves: tuple[ChunkCopy, ...], loads: tuple[ChunkCopy, ...], rank: int = 0
+    cache: PagedKVCache, host: PagedKVCache | None, step: StepInput, rank: int = 0
 ) -> tuple[list[ChunkWritten | None], list[bool]]:
-    """A step's tier copies on one rank, saves first (their blocks may be loaded into next)."""
+    """A step's copies on one rank, before its forward. Reads first: blocks evicted to the host
+    tier and chunks saved to the cluster tier (this step may write over both); then writes:
+    blocks back from the host tier and chunks loaded from the cluster tier."""
+    if step.offloads:
+        assert host is not None, "offloads without a host tier"
+        blocks, slots = _indexes(step.offloads)
+        blocks = blocks.to(cache.k.device)
+        host.k.index_copy_(1, slots, cache.k.index_select(1, blocks).to(host.k.device))
+        host.v.index_copy_(1, slots, cache.v.index_select(1, blocks).to(host.v.device))
     saved: list[ChunkWritten | None] = []
-    for copy in saves:
+    for copy in step.saves:
         try:
             saved.append(write_chunk(cache, copy, rank))
         except OSError as exc:
             logger.warning("KV tier chunk %s not saved (%s)", os.path.basename(rank_path(copy, rank)), exc)
             saved.append(None)
-    loaded = [read_chunk(cache, copy, rank) for copy in loads]
+    if step.onloads:
+        assert host is not None, "onloads without a host tier"
+        slots, blocks = _indexes(step.onloads)
+        blocks = blocks.to(cache.k.device)
+        cache.k.index_copy_(1, blocks, host.k.index_select(1, slots).to(cache.k.device))
+        cache.v.index_copy_(1, blocks, host.v.index_select(1, slots).to(cache.v.device))
+    loaded = [read_chunk(cache, copy, rank) for copy in step.loads]
     return saved, loaded
+
+
+def _indexes(pairs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    both = torch.tensor(pairs, dtype=torch.long).T
+    return both[0], both[1]

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from parallel.checkpoints.loading import ModelLoadError, context_window, eos_token_ids, generation_config, load_model_config
 from parallel.runner import KVCacheSpec, ModelInfo, ModelSpec, SampledToken, StepInput, StepOutput
-from parallel.runners.kv_sizing import PoolPlan, plan_pool, served_context
+from parallel.runners.kv_sizing import PoolPlan, host_free_bytes, plan_host_blocks, plan_pool, served_context
 from parallel.runners.placement import ParallelLayout, ParallelSpec, check_heads, replica_bundles
 from parallel.runners.rank_worker import RankReport, RankWorker
 
@@ -83,7 +83,8 @@ class DistributedModelRunner:
                 timeout=par.load_timeout_s,
             )
             plan = self._plan_pool(window)
-            ray.get([w.allocate_kv.remote(plan.num_blocks) for w in self._workers], timeout=par.load_timeout_s)
+            host_blocks = self._plan_host()
+            ray.get([w.allocate_kv.remote(plan.num_blocks, host_blocks) for w in self._workers], timeout=par.load_timeout_s)
         except ModelLoadError:
             self.shutdown()
             raise
@@ -113,12 +114,14 @@ class DistributedModelRunner:
             kv_sizing=plan.reason,
             attention_backend=self.reports[0].attention_backend,
             fused_ops=self.reports[0].fused_ops,
+            num_host_blocks=host_blocks,
         )
 
     def step(self, step_input: StepInput) -> StepOutput:
         if self._fault is not None:
             raise RunnerFault(self._fault)
-        copies = self._copy_kv(step_input) if step_input.saves or step_input.loads else {}
+        moves = step_input.saves or step_input.loads or step_input.offloads or step_input.onloads
+        copies = self._copy_kv(step_input) if moves else {}
         if not step_input.seqs:
             return StepOutput([], **copies)
         output = self._forward(step_input)
@@ -128,7 +131,7 @@ class DistributedModelRunner:
         """Every rank's copies of its shard, before the forward: a chunk saved only if every
         rank wrote its file, a load used only if every rank read its own (the ranks agree on
         the least)."""
-        refs = [w.copy_kv.remote(step_input.saves, step_input.loads) for w in self._workers]
+        refs = [w.copy_kv.remote(step_input) for w in self._workers]
         try:
             per_rank = ray.get(refs, timeout=self._parallel.step_timeout_s)
         except Exception as exc:
@@ -211,6 +214,17 @@ class DistributedModelRunner:
             for r, free in zip(self.reports, frees, strict=True)
         ]
         return min(plans, key=lambda p: p.num_blocks)
+
+    def _plan_host(self) -> int:
+        """One host tier size for every rank: the configured bytes for the whole replica split
+        by rank, or a share of the host memory free now split among the ranks on each node."""
+        kv, per_block = self._kv, max(r.kv_bytes_per_block for r in self.reports)
+        if kv.host_memory_bytes is None and kv.host_memory_fraction <= 0:
+            return 0
+        if kv.host_memory_bytes is not None:
+            return kv.host_memory_bytes // len(self.reports) // per_block
+        most_on_a_node = max(Counter(r.node_id for r in self.reports).values())
+        return plan_host_blocks(kv, per_block, lambda: host_free_bytes() // most_on_a_node)
 
     def _placement_group(self, world: int) -> tuple[PlacementGroup, int]:
         """The replica's own group (inside Serve; ranks take bundles 1..N) or one made here."""

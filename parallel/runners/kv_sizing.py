@@ -27,6 +27,15 @@ class PoolPlan:
     """How the size was chosen, for the startup log and for errors."""
 
 
+def plan_host_blocks(kv: KVCacheSpec, bytes_per_block: int, free_bytes: Callable[[], int]) -> int:
+    """Blocks of the host tier behind one rank's pool (measured after the pool is allocated)."""
+    if kv.host_memory_bytes is not None:
+        return kv.host_memory_bytes // bytes_per_block
+    if kv.host_memory_fraction <= 0:
+        return 0
+    return int(free_bytes() * kv.host_memory_fraction) // bytes_per_block
+
+
 def host_free_bytes() -> int:
     import psutil
 

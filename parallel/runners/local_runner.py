@@ -33,7 +33,7 @@ from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, kv_shape
 from parallel.model.sampling import sample_step
 from parallel.runner import KVCacheSpec, ModelInfo, SamplingSpec, SequenceStep, StepInput, StepOutput
-from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_pool, served_context
+from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes, plan_host_blocks, plan_pool, served_context
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class LocalModelRunner:
         self._threads = threads
         self._load_model = load_model
         self._paged: PagedCausalLM | None = None
+        self._host: PagedKVCache | None = None  # the host tier behind the pool
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardserve-model")
         self._thread_id = self._thread.submit(threading.get_ident).result()
 
@@ -113,6 +114,9 @@ class LocalModelRunner:
         per_block = PagedKVCache.bytes_per_block(layers, kv.block_size, kv_heads, head_dim, dtype)
         plan = plan_pool(kv, per_block, window, lambda: self._free_bytes(model))
         cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
+        host_blocks = plan_host_blocks(kv, per_block, host_free_bytes)
+        if host_blocks:
+            self._host = PagedKVCache(layers, host_blocks, kv.block_size, kv_heads, head_dim, dtype, "cpu")
         backend, attention = attention_backend(spec.attention_backend, spec.device, dtype)
         self._paged = PagedCausalLM(model, cache, attention, fused)
         info = ModelInfo(
@@ -130,6 +134,7 @@ class LocalModelRunner:
             weight_bytes=held_bytes,
             attention_backend=backend,
             fused_ops=fused is not None,
+            num_host_blocks=host_blocks,
         )
         logger.info("loaded %s: %d parameters, %s, %.2fs", spec.model, info.num_parameters, spec.dtype, time.monotonic() - start)
         return info
@@ -154,7 +159,7 @@ class LocalModelRunner:
 
     def _step(self, step_input: StepInput) -> StepOutput:
         assert self._paged is not None, "load() first"
-        written, loaded = apply_copies(self._paged.cache, step_input.saves, step_input.loads)
+        written, loaded = apply_copies(self._paged.cache, self._host, step_input)
         saved = tuple(None if w is None else (w,) for w in written)  # one rank's file per chunk
         if not step_input.seqs:
             return StepOutput([], saved=saved, loaded=tuple(loaded))
@@ -170,5 +175,5 @@ class LocalModelRunner:
             raise RuntimeError("model not loaded")
 
     def shutdown(self) -> None:
-        self._paged = None
+        self._paged = self._host = None
         self._thread.shutdown(wait=False)

@@ -29,7 +29,7 @@ from parallel.model.host_memory import retain_freed_memory
 from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
 from parallel.model.sampling import sample_step
-from parallel.runner import ChunkCopy, ChunkWritten, ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runner import ChunkWritten, ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.runners.placement import ParallelLayout, RankPlacement
 
@@ -70,6 +70,7 @@ class _StageMPU:
 class RankWorker:
     def __init__(self) -> None:
         self._paged: PagedCausalLM | None = None
+        self._host: PagedKVCache | None = None  # the host tier behind the pool
         self._placement: RankPlacement | None = None
         self._listener: socket.socket | None = None
 
@@ -171,12 +172,14 @@ class RankWorker:
         finally:
             self._paged = None
 
-    def allocate_kv(self, num_blocks: int) -> None:
+    def allocate_kv(self, num_blocks: int, host_blocks: int = 0) -> None:
+        """The pool, and the host tier behind it (this rank's shard of both)."""
         self._paged = PagedCausalLM(self._model, self._pool(num_blocks), self._attention, self._fused)
+        self._host = self._pool(host_blocks, "cpu") if host_blocks else None
 
-    def _pool(self, num_blocks: int) -> PagedKVCache:
+    def _pool(self, num_blocks: int, device: str | None = None) -> PagedKVCache:
         layers, kv_heads, head_dim = self._kv_shape
-        return PagedKVCache(layers, num_blocks, self._block_size, kv_heads, head_dim, self._dtype, self._device)
+        return PagedKVCache(layers, num_blocks, self._block_size, kv_heads, head_dim, self._dtype, device or self._device)
 
     def step(self, step_input: StepInput) -> StepOutput | None:
         """Run this rank's part of one (micro-)batch; the last stage's first rank returns tokens."""
@@ -185,10 +188,11 @@ class RankWorker:
             return None
         return sample_step(out.values, step_input, out.pooled)
 
-    def copy_kv(self, saves: tuple[ChunkCopy, ...], loads: tuple[ChunkCopy, ...]) -> tuple[list[ChunkWritten | None], list[bool]]:
-        """This rank's shard of a step's KV tier copies (its own files: `{rank}` is its rank)."""
+    def copy_kv(self, step_input: StepInput) -> tuple[list[ChunkWritten | None], list[bool]]:
+        """This rank's shard of a step's copies between the pool and the tiers (its own files:
+        `{rank}` is its rank)."""
         assert self._paged is not None and self._placement is not None, "setup() first"
-        return apply_copies(self._paged.cache, saves, loads, self._placement.rank)
+        return apply_copies(self._paged.cache, self._host, step_input, self._placement.rank)
 
     def logits(self, step_input: StepInput) -> torch.Tensor | None:
         """The last stage's logits rows for a step (tests compare sharded against whole)."""
