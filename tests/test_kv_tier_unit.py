@@ -168,7 +168,7 @@ def test_a_corrupt_or_missing_chunk_is_recomputed(tmp_path: Path) -> None:
         assert await _generate(b, tier, PROMPT) == plain
         stats = b.counters()
         assert stats.kv_tier_load_failures == 2 and stats.kv_tier_hit_tokens < 40
-        assert store.stats().held_chunks == 3  # the two that failed were dropped
+        assert store.stats().held_chunks == 3 and store.stats().dropped == 2  # the two that failed were dropped
 
     asyncio.run(run())
 
@@ -229,3 +229,52 @@ def test_an_engine_reads_back_from_its_host_tier_the_tokens_it_would_compute() -
     assert asyncio.run(run(with_host)) == asyncio.run(run(engine(False)))
     stats = with_host.counters()
     assert stats.host_cache_offloads > 0 and stats.host_cache_hit_tokens >= 40  # the pool held one prompt at a time
+
+
+def test_chunks_that_came_back_from_the_host_tier_are_saved_with_their_own_kv(tmp_path: Path) -> None:
+    """A prompt seen the second time as its blocks come back from the host tier: its chunks are
+    saved only once those copies have landed, so another engine loads the right K/V."""
+    store = KVStore(str(tmp_path / "s"), budget_bytes=2**30)
+    tier = KVTierClient(store, store.directory(), TIER)
+    small = dataclasses.replace(SPEC, max_model_len=64)
+
+    def engine(host: bool) -> LLMEngine:
+        runner = LocalModelRunner(
+            small, KVCacheSpec.fixed(block_size=4, num_blocks=24, host_blocks_bytes=64 * 4096 if host else None)
+        )
+        return LLMEngine(runner, runner.load(), EngineConfig().scheduler_spec(), namespace=NS, tier=tier)
+
+    others = [torch.randint(10, 500, (41,), generator=torch.Generator().manual_seed(s)).tolist() for s in (8, 9)]
+
+    async def run() -> None:
+        plain = await _generate(_engine(None), None, PROMPT)
+        a = engine(host=True)
+        await _generate(a, tier, PROMPT)  # seen once
+        for other in others:  # push PROMPT's blocks out of the pool into the host tier
+            await _generate(a, tier, other)
+        assert await _generate(a, tier, PROMPT) == plain  # seen twice: back from the host, then saved
+        assert a.counters().host_cache_hit_tokens > 0
+        await _until(lambda: store.stats().held_chunks == 5)
+        b = engine(host=False)
+        assert await _generate(b, tier, PROMPT) == plain
+        assert b.counters().kv_tier_hit_tokens == 40
+
+    asyncio.run(run())
+
+
+def test_store_drops_only_the_copy_it_was_told_of_and_discards_failed_saves(tmp_path: Path) -> None:
+    (tmp_path / "shardserve-kv-deadnode").mkdir()
+    (tmp_path / "shardserve-kv-livenode").mkdir()
+    store = KVStore(str(tmp_path / "shardserve-kv-mine"), budget_bytes=1000, live_nodes=["livenode", "mine"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shardserve-kv-livenode", "shardserve-kv-mine"]
+    key = bytes(32)
+    assert _commit(store, key, 10)
+    store.drop(key, ("another copy's digest",))
+    assert store.lookup([key]).held
+    store.drop(key, ("c",))
+    assert not store.lookup([key]).held and store.stats().held_bytes == 0
+    part = str(Path(store.directory()) / "k.w-1.r{rank}.part")
+    for r in range(2):
+        Path(part.replace("{rank}", str(r))).write_bytes(b"x")
+    store.discard(part)
+    assert list(Path(store.directory()).iterdir()) == []

@@ -24,6 +24,7 @@ from deployments.types import EngineStats
 from parallel.runner import (
     ChunkCopy,
     ChunkWritten,
+    LoadOutcome,
     ModelInfo,
     ModelRunner,
     SampledToken,
@@ -210,10 +211,10 @@ class LLMEngine:
         scheduler = self._scheduler
         for seq in scheduler.drop_aborted():
             self._end(seq, "abort")
+        for seq in scheduler.running:  # chunks that came into the pool by the last step's copies
+            self._queue_saves(seq)  # (not after `schedule`: its copies back land in this step)
         batch = scheduler.schedule()
         loads = scheduler.take_loads()
-        for seq in scheduler.running:  # the chunks the pool had or loaded last step
-            self._queue_saves(seq)
         saves, self._saves = self._saves, []
         offloads, onloads = self._blocks.take_host_copies()
         if not (batch or loads or saves or offloads or onloads):
@@ -243,15 +244,16 @@ class LLMEngine:
         computed = min(seq.num_computed, len(seq.prompt_ids)) // self._info.block_size
         self._saves.extend(due_saves(seq.tier, seq.table.blocks, computed, self._tier))
 
-    def _landed(self, loads: list[tuple[Sequence, TierLoad]], loaded: tuple[bool, ...]) -> None:
+    def _landed(self, loads: list[tuple[Sequence, TierLoad]], loaded: tuple[LoadOutcome, ...]) -> None:
         """Sequences whose tier loads were in the step go on from what landed."""
         results = iter(loaded)
         bs, counts, now = self._info.block_size, self._tier_counts, time.monotonic()
         for seq, load in loads:
-            oks = [next(results) for _ in load.copies]
-            for key, ok in zip(load.keys, oks, strict=True):
-                if not ok and self._tier is not None:
-                    self._forget(key)
+            outcomes = [next(results) for _ in load.copies]
+            oks = [o == "ok" for o in outcomes]
+            for key, copy, outcome in zip(load.keys, load.copies, outcomes, strict=True):
+                if outcome != "ok" and self._tier is not None:  # gone, or not what the store recorded
+                    self._forget(key, copy.checksums)
             if seq.loading is not load or seq.table is None:  # ended meanwhile
                 continue
             local = seq.num_computed // bs
@@ -265,17 +267,20 @@ class LLMEngine:
             counts["load_seconds"] += now - load.started
             counts["loaded_bytes"] += load.nbytes * sum(oks) // max(1, len(oks))
 
-    def _forget(self, key: BlockKey) -> None:
+    def _forget(self, key: BlockKey, checksums: tuple[str, ...]) -> None:
         try:
-            self._tier.forget(key)  # type: ignore[union-attr]
+            self._tier.forget(key, checksums)  # type: ignore[union-attr]
         except Exception:  # the tier is a cache: whatever fails there, generation goes on
             logger.warning("KV tier forget failed", exc_info=True)
 
     def _saved(self, saves: list[tuple[BlockKey, ChunkCopy]], saved: tuple[tuple[ChunkWritten, ...] | None, ...]) -> None:
         for (key, copy), written in zip(saves, saved, strict=True):
-            if written is None or self._tier is None:
+            if self._tier is None:
                 continue
             try:
+                if written is None:  # some rank could not write its file: the others' go too
+                    self._tier.discard(copy.path)
+                    continue
                 self._tier.commit(key, copy.path, written)
             except Exception:  # the tier is a cache: whatever fails there, generation goes on
                 logger.warning("KV tier commit failed", exc_info=True)

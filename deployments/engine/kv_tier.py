@@ -65,8 +65,13 @@ class TierSink(Protocol):
         """Hand a written chunk to the store (without waiting for it)."""
         ...
 
-    def forget(self, key: BlockKey) -> None:
-        """A chunk failed to load (gone, or not what the store recorded): the store drops it."""
+    def forget(self, key: BlockKey, checksums: tuple[str, ...]) -> None:
+        """A chunk's files are gone or not what the store recorded (`checksums`): the store
+        drops it, unless it holds another copy by now."""
+        ...
+
+    def discard(self, part: str) -> None:
+        """A save failed on some rank: the files the others wrote go."""
         ...
 
 

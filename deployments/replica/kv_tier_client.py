@@ -9,6 +9,7 @@ engine reaches the store only through this object (`deployments.engine.kv_tier.T
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import shutil
 import uuid
@@ -30,6 +31,7 @@ class KVTierClient:
         self._directory = directory
         self._config = config
         self._writer = uuid.uuid4().hex[:12]
+        self._saves = itertools.count()
         self.lookups = 0
         self.lookup_failures = 0
 
@@ -71,15 +73,19 @@ class KVTierClient:
         return TierHint(self._config.chunk_blocks, list(keys), held, wanted)
 
     def part_path(self, key: BlockKey) -> str:
-        return part_path(self._directory, key, self._writer)
+        """Unique to this save: two saves of one chunk in flight never share a file."""
+        return part_path(self._directory, key, f"{self._writer}-{next(self._saves)}")
 
     def commit(self, key: BlockKey, part: str, written: tuple[ChunkWritten, ...]) -> None:
         """Hand the chunk to the store without waiting: if it refuses or is gone, the part
         files are left for it (refused) or for the next store on the node (gone) to delete."""
         self._tell("commit", key, part, [w.checksum for w in written], [w.nbytes for w in written])
 
-    def forget(self, key: BlockKey) -> None:
-        self._tell("drop", key)
+    def forget(self, key: BlockKey, checksums: tuple[str, ...]) -> None:
+        self._tell("drop", key, checksums)
+
+    def discard(self, part: str) -> None:
+        self._tell("discard", part)
 
     def _tell(self, method: str, *args: Any) -> None:
         """Call the store without waiting for its answer."""

@@ -15,11 +15,12 @@ import logging
 import mmap
 import os
 import struct
+from pathlib import Path
 
 import torch
 
 from parallel.model.paged_model import PagedKVCache
-from parallel.runner import ChunkCopy, ChunkWritten, StepInput
+from parallel.runner import ChunkCopy, ChunkWritten, LoadOutcome, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +49,34 @@ def write_chunk(cache: PagedKVCache, copy: ChunkCopy, rank: int) -> ChunkWritten
     check = hashlib.blake2b(header, digest_size=16)
     check.update(payload)
     path = rank_path(copy, rank)
-    with open(path, "wb") as fh:
-        fh.write(header)
-        fh.write(payload)
+    try:
+        with open(path, "wb") as fh:
+            fh.write(header)
+            fh.write(payload)
+    except OSError:
+        Path(path).unlink(missing_ok=True)  # (shared memory full, say): no half file left behind
+        raise
     return ChunkWritten(len(header) + payload.nbytes, check.hexdigest())
 
 
-def read_chunk(cache: PagedKVCache, copy: ChunkCopy, rank: int) -> bool:
-    """Copy the chunk's blocks [first, first + n) into the pool; False (the blocks untouched or
-    to be recomputed) when the file is gone, differs from its digest or does not fit the pool."""
+def read_chunk(cache: PagedKVCache, copy: ChunkCopy, rank: int) -> LoadOutcome:
+    """Copy the chunk's blocks [first, first + n) into the pool. "missing" or "bad" (the blocks
+    to be recomputed) when the file is gone, or differs from its digest or from the pool."""
     path = rank_path(copy, rank)
     try:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as buf:
+        fh = open(path, "rb")  # closed by the with below; a missing file is its own outcome
+    except OSError:
+        return "missing"
+    try:
+        with fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) as buf:
             if copy.checksums and digest(buf) != copy.checksums[rank]:
                 raise ValueError("digest differs from the store's")
             _copy_in(cache, copy, buf)  # returns holding no view of the map: it may close
-        return True
+        return "ok"
     except (OSError, ValueError, IndexError, RuntimeError) as exc:
         name = os.path.basename(path)
         logger.warning("KV tier chunk %s not loaded (%s: %s); recomputing its blocks", name, type(exc).__name__, exc)
-        return False
+        return "bad"
 
 
 def _copy_in(cache: PagedKVCache, copy: ChunkCopy, buf: mmap.mmap) -> None:
@@ -92,7 +101,7 @@ def _copy_in(cache: PagedKVCache, copy: ChunkCopy, buf: mmap.mmap) -> None:
 
 def apply_copies(
     cache: PagedKVCache, host: PagedKVCache | None, step: StepInput, rank: int = 0
-) -> tuple[list[ChunkWritten | None], list[bool]]:
+) -> tuple[list[ChunkWritten | None], list[LoadOutcome]]:
     """A step's copies on one rank, before its forward. Reads first: blocks evicted to the host
     tier and chunks saved to the cluster tier (this step may write over both); then writes:
     blocks back from the host tier and chunks loaded from the cluster tier."""

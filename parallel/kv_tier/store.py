@@ -68,6 +68,7 @@ class StoreStats:
     committed_bytes: int = 0
     evictions: int = 0
     refused: int = 0
+    dropped: int = 0
     directory: str = ""
 
 
@@ -78,10 +79,17 @@ def default_directory(node_id: str) -> Path:
 
 
 class KVStore:
-    def __init__(self, directory: str, budget_bytes: int, pin_s: float = 30.0) -> None:
-        """Starts empty: files a dead store left in `directory` are unknown, so they go."""
+    def __init__(self, directory: str, budget_bytes: int, pin_s: float = 30.0, live_nodes: list[str] | None = None) -> None:
+        """Starts empty: files a dead store left in `directory` are unknown, so they go, and
+        so do the directories of stores of nodes no longer in the cluster (`live_nodes`: their
+        ids; a node's id changes when Ray restarts on it)."""
         self._dir = Path(directory)
         shutil.rmtree(self._dir, ignore_errors=True)
+        if live_nodes is not None:
+            live = {default_directory(n).name for n in live_nodes}
+            for other in self._dir.parent.glob("shardserve-kv-*"):
+                if other.name not in live:
+                    shutil.rmtree(other, ignore_errors=True)
         self._dir.mkdir(parents=True)
         self._budget = budget_bytes
         self._pin_s = pin_s
@@ -148,11 +156,20 @@ class KVStore:
         self._stats.held_bytes += total
         return True
 
-    def drop(self, key: bytes) -> None:
-        """Forget a chunk (a reader found it corrupt)."""
-        entry = self._chunks.pop(key, None)
-        if entry is not None:
+    def drop(self, key: bytes, checksums: tuple[str, ...]) -> None:
+        """Forget a chunk a reader found gone or not what was recorded (`checksums`: what it
+        was told), unless the store holds another copy of it by now."""
+        entry = self._chunks.get(key)
+        if entry is not None and entry.checksums == tuple(checksums):
+            del self._chunks[key]
             self._remove(entry)
+            self._stats.dropped += 1
+
+    def discard(self, part: str) -> None:
+        """Delete a save's part files (some rank could not write its own: never committed)."""
+        pattern = Path(part.replace("{rank}", "*"))
+        if pattern.parent == self._dir:
+            _unlink(list(self._dir.glob(pattern.name)))
 
     def stats(self) -> StoreStats:
         self._stats.held_chunks = len(self._chunks)
@@ -161,19 +178,25 @@ class KVStore:
     # ---- internals --------------------------------------------------------------------------
 
     def _make_room(self, nbytes: int) -> bool:
+        if self._stats.held_bytes + nbytes <= self._budget:
+            return True
         if nbytes > self._budget:
             return False
         now = time.monotonic()
-        for key in list(self._chunks):
-            if self._stats.held_bytes + nbytes <= self._budget:
+        victims = []
+        room = self._budget - self._stats.held_bytes
+        for key, entry in self._chunks.items():  # least recently used first
+            if room >= nbytes:
                 break
-            entry = self._chunks[key]
-            if entry.pinned_until > now:
-                continue
-            del self._chunks[key]
-            self._remove(entry)
+            if entry.pinned_until <= now:
+                victims.append(key)
+                room += entry.nbytes
+        if room < nbytes:
+            return False
+        for key in victims:
+            self._remove(self._chunks.pop(key))
             self._stats.evictions += 1
-        return self._stats.held_bytes + nbytes <= self._budget
+        return True
 
     def _remove(self, entry: _Entry) -> None:
         self._stats.held_bytes -= entry.nbytes
@@ -202,6 +225,7 @@ def store_for_node(budget_bytes: int, directory: str | None = None):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node_id = ray.get_runtime_context().get_node_id()
+    live = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
     return (
         ray.remote(KVStore)
         .options(
@@ -213,5 +237,5 @@ def store_for_node(budget_bytes: int, directory: str | None = None):
             max_restarts=-1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
-        .remote(directory or str(default_directory(node_id)), budget_bytes)
+        .remote(directory or str(default_directory(node_id)), budget_bytes, live_nodes=None if directory else live)
     )

@@ -29,7 +29,7 @@ from parallel.model.host_memory import retain_freed_memory
 from parallel.model.packed_linear import pack_linears
 from parallel.model.paged_model import PagedCausalLM, PagedKVCache, StageOutput, kv_shape
 from parallel.model.sampling import sample_step
-from parallel.runner import ChunkWritten, ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
+from parallel.runner import ChunkWritten, LoadOutcome, ModelSpec, SamplingSpec, SequenceStep, StepInput, StepOutput
 from parallel.runners.kv_sizing import cuda_free_bytes_after, host_free_bytes
 from parallel.runners.placement import ParallelLayout, RankPlacement
 
@@ -188,7 +188,7 @@ class RankWorker:
             return None
         return sample_step(out.values, step_input, out.pooled)
 
-    def copy_kv(self, step_input: StepInput) -> tuple[list[ChunkWritten | None], list[bool]]:
+    def copy_kv(self, step_input: StepInput) -> tuple[list[ChunkWritten | None], list[LoadOutcome]]:
         """This rank's shard of a step's copies between the pool and the tiers (its own files:
         `{rank}` is its rank)."""
         assert self._paged is not None and self._placement is not None, "setup() first"
