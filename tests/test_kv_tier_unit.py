@@ -278,3 +278,35 @@ def test_store_drops_only_the_copy_it_was_told_of_and_discards_failed_saves(tmp_
         Path(part.replace("{rank}", str(r))).write_bytes(b"x")
     store.discard(part)
     assert list(Path(store.directory()).iterdir()) == []
+
+
+def test_preemption_with_both_tiers_keeps_the_tokens(tmp_path: Path) -> None:
+    """Eight prompts sharing a prefix at once in a pool too small for them (sequences are
+    preempted and come back), twice, with the host tier and the cluster tier both in play."""
+    store = KVStore(str(tmp_path / "s"), budget_bytes=2**30)
+    tier = KVTierClient(store, store.directory(), TIER.model_copy(update={"min_sightings": 1}))
+    runner = LocalModelRunner(SPEC, KVCacheSpec.fixed(block_size=4, num_blocks=512, host_blocks_bytes=256 * 4096))
+    info = runner.load()
+    g = torch.Generator().manual_seed(11)
+    prefix = torch.randint(10, 500, (17,), generator=g).tolist()
+    prompts = [prefix + torch.randint(10, 500, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (8,), generator=g)]
+
+    async def together(engine: LLMEngine, with_tier: bool) -> list[list[int]]:
+        async def one(p: list[int], i: int) -> list[int]:
+            hint = await tier.hint(engine.chunk_keys(p, None, TIER.chunk_blocks)) if with_tier else None
+            (seq,) = engine.add(p, [(SamplingSpec(), i)], 24, ignore_eos=True, tier=hint)
+            return [t.token_id async for batch in engine.stream(seq) for t in batch]
+
+        return list(await asyncio.gather(*(one(p, i) for i, p in enumerate(prompts))))
+
+    async def run() -> None:
+        plain = LLMEngine(runner, info, EngineConfig().scheduler_spec(), namespace=NS)
+        expected = await together(plain, False)
+        small_info = dataclasses.replace(info, num_kv_blocks=30)
+        for _ in range(2):
+            small = LLMEngine(runner, small_info, EngineConfig().scheduler_spec(), namespace=NS, tier=tier)
+            assert await together(small, True) == expected
+            assert small.counters().num_preemptions > 0
+        assert small.counters().kv_tier_hit_tokens > 0
+
+    asyncio.run(run())
