@@ -107,10 +107,7 @@ def apply_copies(
     blocks back from the host tier and chunks loaded from the cluster tier."""
     if step.offloads:
         assert host is not None, "offloads without a host tier"
-        blocks, slots = _indexes(step.offloads)
-        blocks = blocks.to(cache.k.device)
-        host.k.index_copy_(1, slots, cache.k.index_select(1, blocks).to(host.k.device))
-        host.v.index_copy_(1, slots, cache.v.index_select(1, blocks).to(host.v.device))
+        _move_blocks(cache, host, step.offloads)
     saved: list[ChunkWritten | None] = []
     for copy in step.saves:
         try:
@@ -120,14 +117,14 @@ def apply_copies(
             saved.append(None)
     if step.onloads:
         assert host is not None, "onloads without a host tier"
-        slots, blocks = _indexes(step.onloads)
-        blocks = blocks.to(cache.k.device)
-        cache.k.index_copy_(1, blocks, host.k.index_select(1, slots).to(cache.k.device))
-        cache.v.index_copy_(1, blocks, host.v.index_select(1, slots).to(cache.v.device))
+        _move_blocks(host, cache, step.onloads)
     loaded = [read_chunk(cache, copy, rank) for copy in step.loads]
     return saved, loaded
 
 
-def _indexes(pairs: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    both = torch.tensor(pairs, dtype=torch.long).T
-    return both[0], both[1]
+def _move_blocks(src: PagedKVCache, dst: PagedKVCache, pairs: tuple[tuple[int, int], ...]) -> None:
+    """Copy K and V of blocks `pairs[i][0]` of src into blocks `pairs[i][1]` of dst, whichever
+    devices the two are on."""
+    ids = torch.tensor(pairs, dtype=torch.long).T
+    for a, b in ((src.k, dst.k), (src.v, dst.v)):
+        b.index_copy_(1, ids[1].to(b.device), a.index_select(1, ids[0].to(a.device)).to(b.device))
