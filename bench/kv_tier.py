@@ -103,7 +103,8 @@ def fresh_store() -> None:
     """An empty node store (Ray restarts it, and it wipes its files), so scenarios share nothing."""
     import ray
 
-    from parallel.kv_tier.store import STORE_NAMESPACE, store_name
+    from parallel.kv_tier.node_store import store_name
+    from parallel.kv_tier.store import STORE_NAMESPACE
 
     try:
         store = ray.get_actor(store_name(ray.get_runtime_context().get_node_id()), namespace=STORE_NAMESPACE)
@@ -123,7 +124,8 @@ def fresh_store() -> None:
 def store_stats() -> Any:
     import ray
 
-    from parallel.kv_tier.store import STORE_NAMESPACE, store_name
+    from parallel.kv_tier.node_store import store_name
+    from parallel.kv_tier.store import STORE_NAMESPACE
 
     store = ray.get_actor(store_name(ray.get_runtime_context().get_node_id()), namespace=STORE_NAMESPACE)
     return ray.get(store.stats.remote(), timeout=10)

@@ -98,3 +98,27 @@ def test_concurrency_limit_counts_a_stream_until_it_ends(secured: str) -> None:
             pass
     with httpx.Client(base_url=secured, timeout=60) as http:
         assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers=bearer("single")).status_code == 200
+
+
+def test_tenants_do_not_share_kv(secured: str) -> None:
+    """The same long prompt from two tenants: the second tenant reuses nothing of the first's
+    KV, from the replica's pool, its host tier or the node store (salted block keys), and gets
+    the same tokens."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name="secured")
+
+    def reused() -> float:
+        stats = handle.engine_stats.remote().result(timeout_s=10)
+        return stats.prefix_cache_hits + stats.host_cache_hit_tokens + stats.kv_tier_hit_tokens
+
+    body = {"prompt": [10 + (7 * i) % 480 for i in range(300)], "max_tokens": 8, "temperature": 0, "cache": False}
+    with httpx.Client(base_url=secured, timeout=60) as http:
+        texts = [http.post("/v1/completions", json=body, headers=bearer("alice")).json()["choices"][0]["text"]]
+        before = reused()
+        texts.append(http.post("/v1/completions", json=body, headers=bearer("alice")).json()["choices"][0]["text"])
+        assert reused() > before  # the same tenant reuses its prefix
+        before = reused()
+        texts.append(http.post("/v1/completions", json=body, headers=bearer("bob")).json()["choices"][0]["text"])
+        assert reused() == before
+    assert texts[0] == texts[1] == texts[2]

@@ -20,7 +20,8 @@ from ray._private import state as gcs_state
 from deployments.app import bind_app
 from deployments.config import ShardserveArgs
 from deployments.types import EngineStats
-from parallel.kv_tier.store import STORE_NAMESPACE, store_name
+from parallel.kv_tier.node_store import store_name
+from parallel.kv_tier.store import STORE_NAMESPACE
 
 from .conftest import TEST_ARGS, wait_until
 
@@ -149,3 +150,43 @@ def _answers(base: str) -> bool:
         return httpx.post(f"{base}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_store_pulls_what_another_nodes_store_holds(ray_cluster: None, tmp_path: Path) -> None:
+    """Two node stores (as two nodes would have; here both on this machine, under names of
+    nodes of their own): a lookup that stops short in one pulls the rest from the other over
+    Ray, checked against its digests; a chunk whose bytes are not what their store recorded is
+    not kept."""
+    from parallel.kv_tier.node_store import NodeStore
+    from parallel.kv_tier.store import digest
+
+    stores = {
+        n: ray.remote(NodeStore).options(name=store_name(n), namespace=STORE_NAMESPACE).remote(str(tmp_path / n), 2**30, None, n)
+        for n in ("test-node-a", "test-node-b")
+    }
+    a, b = stores["test-node-a"], stores["test-node-b"]
+    ray.get([s.directory.remote() for s in stores.values()])  # started: their directories exist
+    try:
+        keys = [bytes([i]) * 32 for i in range(4)]
+        payloads = {}
+        for i, key in enumerate(keys[:3]):  # a holds three chunks of two ranks each
+            part = str(tmp_path / "test-node-a" / f"{key.hex()}.w.r{{rank}}.part")
+            files = [os.urandom(1000 + i), os.urandom(2000 + i)]
+            for r, data in enumerate(files):
+                Path(part.replace("{rank}", str(r))).write_bytes(data)
+            payloads[key] = files
+            assert ray.get(a.commit.remote(key, part, [digest(d) for d in files], [len(d) for d in files]))
+        victim = tmp_path / "test-node-a" / f"{keys[2].hex()}.r1"
+        victim.write_bytes(b"not what was recorded")
+
+        assert ray.get(b.lookup.remote(keys)).held == []  # b has nothing yet; it starts pulling
+        wait_until(lambda: ray.get(b.held_run.remote(keys)) == 2, timeout_s=30)
+        reply = ray.get(b.lookup.remote(keys))
+        assert len(reply.held) == 2 and ray.get(b.stats.remote()).pulled == 2
+        for held, key in zip(reply.held, keys, strict=False):
+            for r in range(2):
+                assert Path(held.path.replace("{rank}", str(r))).read_bytes() == payloads[key][r]
+                assert held.path.startswith(str(tmp_path / "test-node-b"))
+    finally:
+        for store in stores.values():
+            ray.kill(store)

@@ -15,11 +15,12 @@ import shutil
 import uuid
 from typing import Any
 
-from deployments.config import KVTierConfig
+from deployments.config import KVTierConfig, ShardserveArgs
 from deployments.engine.kv_keys import BlockKey
 from deployments.engine.kv_tier import TierChunk, TierHint
-from parallel.kv_tier.store import default_directory, part_path, store_for_node
-from parallel.runner import ChunkWritten
+from parallel.kv_tier.node_store import store_for_node
+from parallel.kv_tier.store import default_directory, part_path
+from parallel.runner import ChunkWritten, ModelRunner
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,3 +98,19 @@ class KVTierClient:
         if hasattr(fn, "remote"):
             return await fn.remote(*args)
         return fn(*args)
+
+
+def tier_client(args: ShardserveArgs, runner: ModelRunner) -> KVTierClient | None:
+    """The replica's client of its node's store, or None where the tier is off: by config,
+    without prefix caching, or with ranks on other nodes than the replica's (chunk files do not
+    cross nodes; the stores pull them for the replicas of their own node)."""
+    if not (args.kv_tier.enabled and args.engine.enable_prefix_caching):
+        return None
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    reports = getattr(runner, "reports", None) or []  # a sharded runner's ranks
+    if any(r.node_id != here for r in reports):
+        logger.warning("KV tier off for this replica: some of its ranks are on other nodes than its node store")
+        return None
+    return KVTierClient.for_this_node(args.kv_tier)

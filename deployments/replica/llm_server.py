@@ -29,7 +29,7 @@ from deployments.limits import check_budget, check_in_vocabulary, check_request,
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.replica.checkpoint import ServedCheckpoint
 from deployments.replica.grammar import Constraint, ConstraintCompiler
-from deployments.replica.kv_tier_client import KVTierClient
+from deployments.replica.kv_tier_client import tier_client
 from deployments.replica.output import normalized, prompt_logprobs
 from deployments.replica.output_stream import output_chunks
 from deployments.replica.tool_calls import format_of, tool_constraint, with_tool_calls
@@ -78,8 +78,7 @@ class LLMServer:
             args.tensor_parallel_size,
             args.pipeline_parallel_size,
         )
-        use_tier = args.kv_tier.enabled and args.engine.enable_prefix_caching and _pool_on_this_node(self._runner)
-        self._tier = KVTierClient.for_this_node(args.kv_tier) if use_tier else None
+        self._tier = tier_client(args, self._runner)
         self._engine = LLMEngine(
             self._runner, self._info, args.engine.scheduler_spec(), on_fault=self._leave, namespace=namespace, tier=self._tier
         )
@@ -449,18 +448,6 @@ def make_runner(args: ShardserveArgs) -> ModelRunner:
     if not engine.model_process:
         return LocalModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
     return ProcessModelRunner(args.model_spec(), args.kv_cache_spec(), threads)
-
-
-def _pool_on_this_node(runner: ModelRunner) -> bool:
-    """Whether every rank's pool is on the replica's node, where its store's files are (chunks
-    do not cross nodes yet): a replica with ranks elsewhere serves without the cluster tier."""
-    if not isinstance(runner, DistributedModelRunner):
-        return True
-    here = ray.get_runtime_context().get_node_id()
-    if all(r.node_id == here for r in runner.reports):
-        return True
-    logger.warning("KV tier off for this replica: some of its ranks are on other nodes than its node store")
-    return False
 
 
 def _exit_replica() -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from parallel.kv_tier.store import digest
 from parallel.model.paged_model import PagedKVCache
 from parallel.runner import ChunkCopy, ChunkWritten, LoadOutcome, StepInput
 
@@ -27,10 +28,6 @@ logger = logging.getLogger(__name__)
 MAGIC = b"SSKVCHK1"
 _HEADER = struct.Struct("<8sIIIIII16s")  # magic, blocks, layers, block_size, heads, head_dim, elem, dtype
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def digest(data: bytes | memoryview | mmap.mmap) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def rank_path(copy: ChunkCopy, rank: int) -> str:

@@ -10,13 +10,16 @@ that a load in flight does not lose its file) and how often each of the others w
 so that a replica stores only prefixes seen more than once (as Dynamo's KVBM decides). It is a
 cache, not a source of truth: whatever fails on the way is a recompute for the replica.
 
-The class runs as a detached Ray actor (`store_for_node` below) and, in tests, as a plain
-object. Its files are raw bytes read with a digest, never unpickled.
+The class is plain Python (tests use it in-process); `parallel.kv_tier.node_store` runs it as
+each node's Ray actor and moves chunks between nodes. Its files are raw bytes read with a
+digest, never unpickled.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -69,6 +72,8 @@ class StoreStats:
     evictions: int = 0
     refused: int = 0
     dropped: int = 0
+    pulled: int = 0
+    """Chunks pulled from other nodes' stores (parallel.kv_tier.node_store)."""
     directory: str = ""
 
 
@@ -208,34 +213,11 @@ def _unlink(paths: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
+def digest(data: bytes | memoryview | mmap.mmap) -> str:
+    """A chunk file's digest, as writers compute it and the store records it."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
 def part_path(directory: str, key: bytes, writer: str) -> str:
     """Where a writer puts its copy of a chunk before `commit` ("{rank}": each rank's file)."""
     return os.path.join(directory, f"{key.hex()}.{writer}.r{{rank}}.part")
-
-
-def store_name(node_id: str) -> str:
-    return f"kv-store-{node_id}"
-
-
-def store_for_node(budget_bytes: int, directory: str | None = None):
-    """This node's store actor, started by the first replica that asks (detached: it belongs
-    to no replica, so it outlives them all; `ray.kill` or the cluster's end stops it). Later
-    callers get the running one, whatever budget they ask for."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node_id = ray.get_runtime_context().get_node_id()
-    live = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-    return (
-        ray.remote(KVStore)
-        .options(
-            name=store_name(node_id),
-            namespace=STORE_NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        )
-        .remote(directory or str(default_directory(node_id)), budget_bytes, live_nodes=None if directory else live)
-    )

@@ -49,10 +49,14 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: str,
+        zeroed: bool = True,
     ) -> None:
+        """`zeroed=False`: memory is taken only as blocks are written (a host tier, whose slots
+        are read only after a copy wrote them, costs nothing until used)."""
         shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        make = torch.zeros if zeroed else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
 

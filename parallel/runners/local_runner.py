@@ -116,7 +116,7 @@ class LocalModelRunner:
         cache = PagedKVCache(layers, plan.num_blocks, kv.block_size, kv_heads, head_dim, dtype, spec.device)
         host_blocks = plan_host_blocks(kv, per_block, host_free_bytes)
         if host_blocks:
-            self._host = PagedKVCache(layers, host_blocks, kv.block_size, kv_heads, head_dim, dtype, "cpu")
+            self._host = PagedKVCache(layers, host_blocks, kv.block_size, kv_heads, head_dim, dtype, "cpu", zeroed=False)
         backend, attention = attention_backend(spec.attention_backend, spec.device, dtype)
         self._paged = PagedCausalLM(model, cache, attention, fused)
         info = ModelInfo(

@@ -175,11 +175,12 @@ class RankWorker:
     def allocate_kv(self, num_blocks: int, host_blocks: int = 0) -> None:
         """The pool, and the host tier behind it (this rank's shard of both)."""
         self._paged = PagedCausalLM(self._model, self._pool(num_blocks), self._attention, self._fused)
-        self._host = self._pool(host_blocks, "cpu") if host_blocks else None
+        self._host = self._pool(host_blocks, "cpu", zeroed=False) if host_blocks else None
 
-    def _pool(self, num_blocks: int, device: str | None = None) -> PagedKVCache:
+    def _pool(self, num_blocks: int, device: str | None = None, zeroed: bool = True) -> PagedKVCache:
         layers, kv_heads, head_dim = self._kv_shape
-        return PagedKVCache(layers, num_blocks, self._block_size, kv_heads, head_dim, self._dtype, device or self._device)
+        dev = device or self._device
+        return PagedKVCache(layers, num_blocks, self._block_size, kv_heads, head_dim, self._dtype, dev, zeroed)
 
     def step(self, step_input: StepInput) -> StepOutput | None:
         """Run this rank's part of one (micro-)batch; the last stage's first rank returns tokens."""
