@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deployments.engine.kv_keys import BlockKey, KVNamespace, chain_key
+from deployments.engine.kv_keys import BlockKey, KVNamespace, block_keys
 
 TokenRange = Callable[[int, int], list[int]]
 """tokens(start, end): a sequence's tokens in [start, end)."""
@@ -226,12 +226,8 @@ class BlockManager:
 
     def _block_hashes(self, tokens: TokenRange, first: int, stop: int, parent: BlockKey) -> list[BlockKey]:
         """Chained keys of blocks [first, stop), continuing from the key of block first-1."""
-        hashes: list[BlockKey] = []
         bs = self.block_size
-        for i in range(first, stop):
-            parent = chain_key(parent, tokens(i * bs, (i + 1) * bs))
-            hashes.append(parent)
-        return hashes
+        return block_keys(parent, tokens(first * bs, stop * bs), bs) if stop > first else []
 
     def _ref(self, block_id: int) -> None:
         block = self._blocks[block_id]

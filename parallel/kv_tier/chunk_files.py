@@ -10,7 +10,6 @@ holds the pool (the replica, its model process or a rank actor) reads and writes
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from parallel.kv_tier.store import digest
+from parallel.kv_tier.store import digest, new_digest, rank_file
 from parallel.model.paged_model import PagedKVCache
 from parallel.runner import ChunkCopy, ChunkWritten, LoadOutcome, StepInput
 
@@ -31,7 +30,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def rank_path(copy: ChunkCopy, rank: int) -> str:
-    return copy.path.replace("{rank}", str(rank))
+    return str(rank_file(copy.path, rank))
 
 
 def write_chunk(cache: PagedKVCache, copy: ChunkCopy, rank: int) -> ChunkWritten:
@@ -43,7 +42,8 @@ def write_chunk(cache: PagedKVCache, copy: ChunkCopy, rank: int) -> ChunkWritten
     dtype = str(cache.k.dtype).removeprefix("torch.")
     header = _HEADER.pack(MAGIC, len(copy.block_ids), layers, block_size, heads, head_dim, data.element_size(), dtype.encode())
     payload = memoryview(data.view(torch.uint8).numpy()).cast("B")
-    check = hashlib.blake2b(header, digest_size=16)
+    check = new_digest()  # over the header and the payload, without joining them
+    check.update(header)
     check.update(payload)
     path = rank_path(copy, rank)
     try:

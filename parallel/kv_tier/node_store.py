@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from parallel.kv_tier.store import (
@@ -27,6 +26,7 @@ from parallel.kv_tier.store import (
     default_directory,
     digest,
     part_path,
+    rank_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class NodeStore(KVStore):
             if entry is None:
                 break
             try:
-                files = [Path(entry.path.replace("{rank}", str(r))).read_bytes() for r in range(len(entry.checksums))]
+                files = [rank_file(entry.path, r).read_bytes() for r in range(len(entry.checksums))]
             except OSError:
                 break
             out.append((entry.checksums, files))
@@ -118,7 +118,7 @@ class NodeStore(KVStore):
                     break
                 part = part_path(str(self._dir), key, f"pull-{next(self._pull_ids)}")
                 for r, data in enumerate(files):
-                    Path(part.replace("{rank}", str(r))).write_bytes(data)
+                    rank_file(part, r).write_bytes(data)
                 if not KVStore.commit(self, key, part, list(checksums), [len(d) for d in files]):
                     break
                 self.pulled_chunks += 1

@@ -137,7 +137,7 @@ class KVStore:
         """Take a written chunk in (every rank's part file, with the digests its writer
         computed); False when it is refused (a part missing, or no room once every unpinned
         chunk is evicted), its parts then deleted."""
-        parts = [Path(part.replace("{rank}", str(r))) for r in range(len(checksums))]
+        parts = [rank_file(part, r) for r in range(len(checksums))]
         if key in self._chunks:  # another replica's copy came first
             self._chunks.move_to_end(key)
             _unlink(parts)
@@ -153,7 +153,7 @@ class KVStore:
             return False
         final = str(self._dir / f"{key.hex()}.r{{rank}}")
         for r, p in enumerate(parts):
-            os.replace(p, final.replace("{rank}", str(r)))
+            os.replace(p, rank_file(final, r))
         self._chunks[key] = _Entry(final, tuple(checksums), total)
         self._sightings.pop(key, None)
         self._stats.commits += 1
@@ -172,7 +172,7 @@ class KVStore:
 
     def discard(self, part: str) -> None:
         """Delete a save's part files (some rank could not write its own: never committed)."""
-        pattern = Path(part.replace("{rank}", "*"))
+        pattern = Path(part.replace("{rank}", "*"))  # every rank's file
         if pattern.parent == self._dir:
             _unlink(list(self._dir.glob(pattern.name)))
 
@@ -205,7 +205,7 @@ class KVStore:
 
     def _remove(self, entry: _Entry) -> None:
         self._stats.held_bytes -= entry.nbytes
-        _unlink([Path(entry.path.replace("{rank}", str(r))) for r in range(len(entry.checksums))])
+        _unlink([rank_file(entry.path, r) for r in range(len(entry.checksums))])
 
 
 def _unlink(paths: list[Path]) -> None:
@@ -213,9 +213,20 @@ def _unlink(paths: list[Path]) -> None:
         p.unlink(missing_ok=True)
 
 
+def new_digest() -> hashlib.blake2b:
+    """A chunk file's digest as writers compute it and the store records it, to feed in parts."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def digest(data: bytes | memoryview | mmap.mmap) -> str:
-    """A chunk file's digest, as writers compute it and the store records it."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    check = new_digest()
+    check.update(data)
+    return check.hexdigest()
+
+
+def rank_file(path: str, rank: int) -> Path:
+    """One rank's file of a chunk whose files are named by `path` ("{rank}" standing for it)."""
+    return Path(path.replace("{rank}", str(rank)))
 
 
 def part_path(directory: str, key: bytes, writer: str) -> str:
