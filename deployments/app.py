@@ -15,6 +15,7 @@ from ray.serve import Application
 from deployments.config import ShardserveArgs
 from deployments.ingress.ingress import Ingress
 from deployments.metrics import MetricsHub
+from deployments.prefix_keys import ROUTING_STATS_PERIOD_S
 from deployments.replica.llm_server import LLMServer
 from parallel.checkpoints import model_repository
 from parallel.checkpoints.model_repository import select_versions
@@ -54,7 +55,10 @@ def llm_server_options(args: ShardserveArgs) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": 1},
     }
     if args.routing == "prefix_affinity" and args.engine.enable_prefix_caching:
-        options["request_router_config"] = {"request_router_class": "deployments.routing:PrefixAffinityRouter"}
+        options["request_router_config"] = {
+            "request_router_class": "deployments.routing:PrefixAffinityRouter",
+            "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,  # the replicas' directory entries
+        }
     if args.world_size > 1:
         # The replica (it only drives) and its ranks are reserved and released together.
         spec = args.parallel_spec()

@@ -1,26 +1,34 @@
-"""Prefix-aware routing: send a request to the LLM server replica that already holds its
-prompt's prefix in its KV cache, unless that replica is overloaded.
+"""Prefix-aware routing: send a request to the LLM server replica that holds its prompt's prefix
+in its KV cache, or to one that can load it from its node's KV store, unless that is overloaded.
 
 Ray Serve builds one request router per deployment handle (here: in each ingress replica) and
-asks it, for every request, which replicas to try. This router remembers, per replica, hashes
-of the prompts it routed there, in fixed-size blocks of characters chained like the engine's
-KV-cache blocks (a block's hash covers everything before it), so the longest run of leading
-blocks a replica has seen is the prefix it most likely still has cached. A multi-turn chat's
-next turn starts with the previous turn's prompt, so it follows its conversation.
+asks it, for every request, which replicas to try. The router keys a prompt by chained hashes
+of fixed-size blocks of its text (`deployments/prefix_keys.py`; a block's hash covers everything
+before it), and looks them up in a directory of what each replica holds:
 
-Load wins over affinity: when the best-matching replica's queue is longer than the shortest
-one's by more than `imbalanced_threshold`, or it refuses the request (full), the request goes
-to the least-loaded replica, as it does when nothing matches.
+- each replica's report (`LLMServer.record_routing_stats`, which Serve polls every
+  `ROUTING_STATS_PERIOD_S` and hands to every router): the prefixes in its KV pool and host
+  tier, and those in its node's cluster-tier store, translated from its engine's token blocks
+  (`deployments/replica/held_prefixes.py`). A prefix evicted from a replica leaves its report; a
+  replica that restarts or is added reports what it holds, and the prefixes its node's store
+  holds count for it at once;
+- what this router sent each replica in the last `sent_ttl_s` (a report is up to a period old,
+  so the next turn of a chat must not wait for one to follow its conversation).
 
-The index is local to each router (no shared actor, no blocking call on the routing path);
-with several ingress replicas each one learns from its own traffic.
+Policy (`choose`): the replica with the longest held prefix wins, unless another replica that can
+load about as much from its node's store has a queue shorter by more than `tier_threshold`
+(then that one: loading costs a fraction of computing), or it is overloaded (its queue longer
+than the shortest by more than `imbalanced_threshold`: then load alone decides). With no replica
+holding the prefix, replicas whose stores hold it are preferred, the shortest queue first.
+
+No blocking call on the routing path: reports arrive with Serve's replica updates.
 """
 
 from __future__ import annotations
 
-import hashlib
+import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ray.serve.request_router import (
@@ -33,51 +41,33 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from deployments.prefix_keys import BLOCK_CHARS, ENTRY_BYTES, request_hashes, unpack
 from deployments.types import GenerateRequest
 
-
-def prompt_text(request: GenerateRequest) -> str:
-    """The prompt as one string whose prefixes mirror the model's prompt prefixes."""
-    if request.messages is not None:
-        return "".join(f"\x1e{m.role}\x1f{m.text()}" for m in request.messages)
-    if request.prompt_token_ids is not None:
-        return ",".join(map(str, request.prompt_token_ids))
-    return request.prompt or ""
+TIER_AS_WARM = 0.75
+"""A replica whose store holds at least this share of what the best replica's pool holds is as
+good a place for the request, if it is less loaded."""
 
 
-def block_hashes(text: str, block_chars: int) -> list[bytes]:
-    """Chained hashes of the text's full blocks: equal hashes mean equal prefixes."""
-    hashes, previous = [], b""
-    for start in range(0, len(text) - block_chars + 1, block_chars):
-        previous = hashlib.blake2b(previous + text[start : start + block_chars].encode(), digest_size=16).digest()
-        hashes.append(previous)
-    return hashes
+class SentPrefixes:
+    """The block hashes this router sent each replica lately, least recently used dropped first
+    and each forgotten `ttl_s` after it was sent (by then the replica's report says)."""
 
-
-class PrefixIndex:
-    """Which block hashes each replica has been sent, least recently used dropped first."""
-
-    def __init__(self, max_blocks_per_replica: int) -> None:
+    def __init__(self, max_blocks_per_replica: int, ttl_s: float) -> None:
         self._max = max_blocks_per_replica
-        self._blocks: dict[Any, OrderedDict[bytes, None]] = {}
+        self._ttl = ttl_s
+        self._blocks: dict[Any, OrderedDict[bytes, float]] = {}
 
-    def matched(self, replica: Any, hashes: list[bytes]) -> int:
-        """Leading blocks of `hashes` this replica has seen."""
+    def has(self, replica: Any, entry: bytes, now: float) -> bool:
         seen = self._blocks.get(replica)
-        if not seen:
-            return 0
-        n = 0
-        for h in hashes:
-            if h not in seen:
-                break
-            n += 1
-        return n
+        sent = seen.get(entry) if seen else None
+        return sent is not None and now - sent < self._ttl
 
-    def add(self, replica: Any, hashes: list[bytes]) -> None:
+    def add(self, replica: Any, hashes: list[bytes], now: float) -> None:
         seen = self._blocks.setdefault(replica, OrderedDict())
         for h in hashes:
-            seen[h] = None
-            seen.move_to_end(h)
+            seen[h[:ENTRY_BYTES]] = now
+            seen.move_to_end(h[:ENTRY_BYTES])
         while len(seen) > self._max:
             seen.popitem(last=False)
 
@@ -87,24 +77,71 @@ class PrefixIndex:
             del self._blocks[replica]
 
 
-def choose(
-    matches: dict[Any, int], queue_lens: dict[Any, int | None], min_match_blocks: int, imbalanced_threshold: int
-) -> Any | None:
-    """The replica to prefer for its cached prefix, or None to route by load alone.
+def leading(hashes: list[bytes], held: Callable[[bytes], bool]) -> int:
+    """How many of the hashes, from the first, are held."""
+    n = 0
+    for h in hashes:
+        if not held(h[:ENTRY_BYTES]):
+            break
+        n += 1
+    return n
 
-    Pure policy: the longest match wins (ties: the shorter queue), if it is long enough and
-    that replica's queue is not longer than the shortest known queue by more than the threshold.
-    """
-    if not matches:
-        return None
-    best = max(matches, key=lambda r: (matches[r], -(queue_lens.get(r) or 0)))
-    if matches[best] < min_match_blocks:
-        return None
+
+class Reports:
+    """The replicas' directory entries, unpacked once per report."""
+
+    def __init__(self) -> None:
+        self._unpacked: dict[Any, tuple[bytes, bytes, frozenset[bytes], frozenset[bytes]]] = {}
+
+    def entries(self, replica: RunningReplica) -> tuple[frozenset[bytes], frozenset[bytes]]:
+        """(pool, tier): what the replica holds, and what its node's store holds."""
+        stats = replica.routing_stats or {}
+        pool, tier = stats.get("kv_pool", b""), stats.get("kv_tier", b"")
+        known = self._unpacked.get(replica.replica_id)
+        if known is None or known[0] != pool or known[1] != tier:
+            known = (pool, tier, unpack(pool), unpack(tier))
+            self._unpacked[replica.replica_id] = known
+        return known[2], known[3]
+
+    def keep_only(self, replicas: Iterable[Any]) -> None:
+        keep = set(replicas)
+        for replica in [r for r in self._unpacked if r not in keep]:
+            del self._unpacked[replica]
+
+
+def choose(
+    pool: dict[Any, int],
+    tier: dict[Any, int],
+    queue_lens: dict[Any, int | None],
+    min_match_blocks: int,
+    imbalanced_threshold: int,
+    tier_threshold: int,
+) -> tuple[list[Any] | None, str]:
+    """The replicas to try first and why ("pool", "tier"), or (None, "load") to route by load
+    alone. Pure policy: `pool` is each replica's matched blocks in its own KV, `tier` in its
+    node's store; unknown queue lengths (None) are trusted to be short."""
     known = [q for q in queue_lens.values() if q is not None]
-    best_queue = queue_lens.get(best)
-    if best_queue is not None and known and best_queue - min(known) > imbalanced_threshold:
-        return None
-    return best
+    warm = {r: max(pool.get(r, 0), tier.get(r, 0)) for r in set(pool) | set(tier)}
+    best = max(pool, key=lambda r: (pool[r], -(queue_lens.get(r) or 0)), default=None)
+    if best is not None and pool[best] >= min_match_blocks:
+        best_queue = queue_lens.get(best)
+        if best_queue is not None:
+            loaders = [
+                r
+                for r, m in warm.items()
+                if r != best
+                and m >= max(min_match_blocks, TIER_AS_WARM * pool[best])
+                and (queue_lens.get(r) or 0) < best_queue - tier_threshold
+            ]
+            if loaders:
+                return sorted(loaders, key=lambda r: queue_lens.get(r) or 0), "tier"
+            if known and best_queue - min(known) > imbalanced_threshold:
+                return None, "load"
+        return [best], "pool"
+    loaders = [r for r, m in warm.items() if m >= min_match_blocks]
+    if loaders:
+        return sorted(loaders, key=lambda r: queue_lens.get(r) or 0), "tier"
+    return None, "load"
 
 
 class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
@@ -113,15 +150,17 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
 
     def initialize_state(
         self,
-        block_chars: int = 64,
         min_match_blocks: int = 2,
         imbalanced_threshold: int = 8,
+        tier_threshold: int = 2,
+        sent_ttl_s: float = 5.0,
         max_blocks_per_replica: int = 65536,
     ) -> None:
-        self._block_chars = block_chars
         self._min_match_blocks = min_match_blocks
         self._imbalanced_threshold = imbalanced_threshold
-        self._index = PrefixIndex(max_blocks_per_replica)
+        self._tier_threshold = tier_threshold
+        self._sent = SentPrefixes(max_blocks_per_replica, sent_ttl_s)
+        self._reports = Reports()
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -136,13 +175,29 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
         hashes = self._hashes(pending_request)
         if not hashes:
             return by_load
-        matches = {r.replica_id: self._index.matched(r.replica_id, hashes) for r in candidate_replicas}
+        pool, tier = self._matches(candidate_replicas, hashes)
         cache = self.replica_queue_len_cache
         queue_lens = {r.replica_id: cache.get(r.replica_id) for r in candidate_replicas}
-        best = choose(matches, queue_lens, self._min_match_blocks, self._imbalanced_threshold)
-        if best is None:
+        first, _ = choose(pool, tier, queue_lens, self._min_match_blocks, self._imbalanced_threshold, self._tier_threshold)
+        if first is None:
             return by_load
-        return [[r for r in candidate_replicas if r.replica_id == best], candidate_replicas]
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        return [[by_id[r] for r in first], candidate_replicas]
+
+    def _matches(self, replicas: list[RunningReplica], hashes: list[bytes]) -> tuple[dict[Any, int], dict[Any, int]]:
+        """Each replica's matched blocks in its own KV (reported, or sent lately) and in its
+        node's store (what any replica on that node reported of it)."""
+        now = time.monotonic()
+        entries = {r.replica_id: self._reports.entries(r) for r in replicas}
+        node_stores: dict[str, list[frozenset[bytes]]] = {}
+        for r in replicas:
+            node_stores.setdefault(r.node_id, []).append(entries[r.replica_id][1])
+        in_store = {node: leading(hashes, lambda e, s=stores: any(e in x for x in s)) for node, stores in node_stores.items()}
+        pool = {
+            r.replica_id: leading(hashes, lambda e, rid=r.replica_id: e in entries[rid][0] or self._sent.has(rid, e, now))
+            for r in replicas
+        }
+        return pool, {r.replica_id: in_store[r.node_id] for r in replicas}
 
     def _get_pending_request_matching_metadata(self, request_metadata: Any = None) -> PendingRequest | None:
         """A replica chosen for a request goes to that request while it still waits; else to
@@ -153,18 +208,20 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         hashes = self._hashes(pending_request)
         if hashes:
-            self._index.add(replica_id, hashes)
+            self._sent.add(replica_id, hashes, time.monotonic())
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        self._index.keep_only(r.replica_id for r in replicas)
+        self._sent.keep_only(r.replica_id for r in replicas)
+        self._reports.keep_only(r.replica_id for r in replicas)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self._index.keep_only(self.curr_replicas)
+        self._sent.keep_only(self.curr_replicas)
+        self._reports.keep_only(self.curr_replicas)
 
     def _hashes(self, pending_request: PendingRequest | None) -> list[bytes]:
         args = pending_request.args if pending_request is not None else None
         if not args or not isinstance(args[0], GenerateRequest):
             return []
-        return block_hashes(prompt_text(args[0]), self._block_chars)
+        return request_hashes(args[0], BLOCK_CHARS)

@@ -126,6 +126,26 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def held_run(self, keys: list[BlockKey]) -> int:
+        """About how many leading `keys` the pool or the host tier still holds, in O(log n)
+        lookups: a prefix outlives its tail (`free` releases tails first, LRU evicts them
+        first), so the held keys are taken to be a prefix. For the router's directory, which
+        may be wrong by a block; allocation always checks every key."""
+
+        def held(i: int) -> bool:
+            return keys[i] in self._by_hash or (self.host is not None and self.host.peek(keys[i]) is not None)
+
+        if not keys or held(len(keys) - 1):
+            return len(keys)
+        lo, hi = 0, len(keys) - 1  # keys[hi] is not held; find the first that is not
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if held(mid):
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
     # ---- allocation ------------------------------------------------------------------------
 
     def allocate_prompt(self, tokens: list[int], reserve: int = 1, salt: str | None = None, reuse: bool = True) -> BlockTable:

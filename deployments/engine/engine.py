@@ -37,6 +37,12 @@ from parallel.runner import (
 logger = logging.getLogger(__name__)
 
 
+def chunks_of(keys: list[BlockKey], chunk_blocks: int) -> list[BlockKey]:
+    """Keys of the whole chunks of `chunk_blocks` blocks among a prompt's block `keys` (each
+    from the key of its last block)."""
+    return [chunk_key(k, chunk_blocks) for k in keys[chunk_blocks - 1 :: chunk_blocks]]
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -83,13 +89,19 @@ class LLMEngine:
             **{f"kv_tier_{k}": v for k, v in self._tier_counts.items()},
         )
 
-    def chunk_keys(self, prompt_ids: list[int], salt: str | None, chunk_blocks: int) -> list[BlockKey]:
-        """Keys of the prompt's whole chunks of `chunk_blocks` blocks (each from the key of its
-        last block), short of the block that holds the last token (always computed)."""
+    def prompt_keys(self, prompt_ids: list[int], salt: str | None) -> list[BlockKey]:
+        """Keys of the prompt's full blocks that can be cached: short of the block that holds
+        the last token (always computed)."""
         bs = self._info.block_size
         usable = (len(prompt_ids) - 1) // bs * bs
-        keys = block_keys(self._blocks.namespace.root(salt), prompt_ids[:usable], bs)
-        return [chunk_key(k, chunk_blocks) for k in keys[chunk_blocks - 1 :: chunk_blocks]]
+        return block_keys(self._blocks.namespace.root(salt), prompt_ids[:usable], bs)
+
+    def chunk_keys(self, prompt_ids: list[int], salt: str | None, chunk_blocks: int) -> list[BlockKey]:
+        return chunks_of(self.prompt_keys(prompt_ids, salt), chunk_blocks)
+
+    def held_run(self, keys: list[BlockKey]) -> int:
+        """Leading blocks of `keys` this replica holds (pool or host tier), for the router."""
+        return self._blocks.held_run(keys)
 
     @property
     def num_running(self) -> int:

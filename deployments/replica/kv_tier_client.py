@@ -73,6 +73,15 @@ class KVTierClient:
         wanted = {i for i, seen in enumerate(reply.sightings) if seen >= self._config.min_sightings}
         return TierHint(self._config.chunk_blocks, list(keys), held, wanted)
 
+    async def held_runs(self, runs: list[list[BlockKey]]) -> list[int] | None:
+        """How many chunks of each run the store holds (for the router's directory); None when
+        it does not answer in time."""
+        try:
+            return await asyncio.wait_for(self._call("held_runs", runs), self._config.lookup_timeout_ms / 1000)
+        except Exception as exc:  # noqa: BLE001 - the directory then reports nothing from the tier
+            logger.debug("KV tier held_runs failed: %s: %s", type(exc).__name__, exc)
+            return None
+
     def part_path(self, key: BlockKey) -> str:
         """Unique to this save: two saves of one chunk in flight never share a file."""
         return part_path(self._directory, key, f"{self._writer}-{next(self._saves)}")

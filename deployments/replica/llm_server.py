@@ -14,6 +14,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import ray
 from ray import serve
@@ -21,7 +22,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.autoscaling import KV_USAGE, RUNNING, TTFT, WAITING, RecentMean
 from deployments.config import ShardserveArgs
-from deployments.engine.engine import LLMEngine
+from deployments.engine.engine import LLMEngine, chunks_of
 from deployments.engine.kv_keys import KVNamespace
 from deployments.engine.scheduler import Sequence
 from deployments.errors import EngineFault, InvalidRequest, RequestTimeout
@@ -29,6 +30,7 @@ from deployments.limits import check_budget, check_in_vocabulary, check_request,
 from deployments.metrics import EngineMetrics, MetricsPusher, StartupClock, replica_identity
 from deployments.replica.checkpoint import ServedCheckpoint
 from deployments.replica.grammar import Constraint, ConstraintCompiler
+from deployments.replica.held_prefixes import HeldPrefixes
 from deployments.replica.kv_tier_client import tier_client
 from deployments.replica.output import normalized, prompt_logprobs
 from deployments.replica.output_stream import output_chunks
@@ -82,6 +84,9 @@ class LLMServer:
         self._engine = LLMEngine(
             self._runner, self._info, args.engine.scheduler_spec(), on_fault=self._leave, namespace=namespace, tier=self._tier
         )
+        self._held = None  # this replica's entries in the router's directory
+        if args.routing == "prefix_affinity" and args.engine.enable_prefix_caching:
+            self._held = HeldPrefixes(self._info.block_size, args.kv_tier.chunk_blocks)
         self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
         parser = args.tool_call_parser
         self._tool_format = format_of(self._tokenizer.chat_template) if parser == "auto" else parser
@@ -190,6 +195,13 @@ class LLMServer:
                 update={"kv_tier_lookups": self._tier.lookups, "kv_tier_lookup_failures": self._tier.lookup_failures}
             )
         return stats
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve reads this every `request_routing_stats_period_s` and hands it to every
+        router: this replica's entries in the prefix directory (`held_prefixes`)."""
+        if self._held is None:
+            return {}
+        return await self._held.report(self._engine.held_run, self._tier.held_runs if self._tier is not None else None)
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray Serve reads this every `metrics_interval_s`; EngineLoadPolicy scales on it."""
@@ -313,8 +325,13 @@ class LLMServer:
         spec = request.sampling_spec(request.logprobs)
         samplings = [(spec, base_seed + i) for i in range(request.n)]
         tier = None
-        if self._tier is not None and request.prompt_top_logprobs is None:  # scored prompts are computed whole
-            tier = await self._tier.hint(self._engine.chunk_keys(prompt_ids, request.tenant, self._tier.chunk_blocks))
+        if self._tier is not None or self._held is not None:
+            keys = self._engine.prompt_keys(prompt_ids, request.tenant)
+            chunks = chunks_of(keys, self._args.kv_tier.chunk_blocks) if self._tier is not None else []
+            if self._held is not None:
+                self._held.track_request(request, len(prompt_ids), keys, chunks)
+            if self._tier is not None and request.prompt_top_logprobs is None:  # scored prompts are computed whole
+                tier = await self._tier.hint(chunks)
         seqs = self._engine.add(
             prompt_ids,
             samplings,

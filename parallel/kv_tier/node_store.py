@@ -81,10 +81,10 @@ class NodeStore(KVStore):
 
     async def held_run(self, keys: list[bytes]) -> int:
         """How many of `keys`, from the first, this store holds (a peer asks; nothing changes)."""
-        n = 0
-        while n < len(keys) and keys[n] in self._chunks:
-            n += 1
-        return n
+        return KVStore.held_runs(self, [keys])[0]
+
+    async def held_runs(self, runs: list[list[bytes]]) -> list[int]:  # type: ignore[override]
+        return KVStore.held_runs(self, runs)
 
     async def read(self, keys: list[bytes]) -> list[tuple[tuple[str, ...], list[bytes]]]:
         """The files of the chunks of `keys` this store holds, from the first, as (digests, each

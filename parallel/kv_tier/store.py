@@ -133,6 +133,17 @@ class KVStore:
         self._stats.chunks_hit += len(held)
         return LookupReply(held, sightings)
 
+    def held_runs(self, runs: list[list[bytes]]) -> list[int]:
+        """How many chunks of each run, from its first, this store holds; nothing changes (no
+        sighting, no pin, no LRU move): the router's directory asks, not a load."""
+        out = []
+        for keys in runs:
+            n = 0
+            while n < len(keys) and keys[n] in self._chunks:
+                n += 1
+            out.append(n)
+        return out
+
     def commit(self, key: bytes, part: str, checksums: list[str], nbytes: list[int]) -> bool:
         """Take a written chunk in (every rank's part file, with the digests its writer
         computed); False when it is refused (a part missing, or no room once every unpinned
