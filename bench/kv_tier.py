@@ -2,12 +2,15 @@
 they do not.
 
     python -m bench.kv_tier                       # every scenario (about 25 minutes on 2 cores)
-    python -m bench.kv_tier --scenarios restart   # one or more of: restart working_set cost directory
+    python -m bench.kv_tier --scenarios restart   # one or more of: restart scale_up working_set cost directory
 
 On `shardserve/bench-llama` (32M parameters, 256 KiB of KV per 16-token block), prompts of
 token ids, greedy, streamed, one at a time unless said:
 - restart: TTFT of ~1,500-token prefixes the first time (cold), again on the same replica (its
   pool), and on the replica Serve starts after the first was SIGKILLed (the tier).
+- scale_up: 8 clients over 8 prefixes of ~1,500 tokens (each seen twice before) while Serve's
+  autoscaler adds a second replica: the new replica's TTFT p50 against the old one's over the
+  same time, with the tier on and off (bench/kv_scale_up.py).
 - working_set: 16 distinct ~1,500-token prefixes, 4x what a pool of 384 blocks holds, visited
   round-robin 4 times: TTFT per round and the share of prompt tokens not computed, for
   shardserve with the tier, without it, and vLLM CPU with a pool of the same bytes (its pool is
@@ -24,11 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import statistics
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from bench.serving import RESULTS, free_port, log, machine, publish
 MODEL = "shardserve/bench-llama"
 BLOCK_BYTES = 256 * 1024  # bench-llama: 2 x 8 layers x 16 tokens x 4 heads x 64 x 4 bytes
 PREFIX_TOKENS = 1500
-SCENARIOS = ["restart", "working_set", "cost", "directory"]
+SCENARIOS = ["restart", "scale_up", "working_set", "cost", "directory"]
 LABELS = {
     "shardserve_tiers_both": "shardserve, host + cluster tiers",
     "shardserve_tiers_cluster": "shardserve, cluster tier only",
@@ -79,7 +80,16 @@ def p50(values: list[float]) -> float:
 # ---- shardserve under Ray -----------------------------------------------------------------------
 
 
-def deploy(name: str, base: str, tier: bool, host_tier: bool = True, **engine: Any) -> str:
+def deploy(
+    name: str,
+    base: str,
+    tier: bool,
+    host_tier: bool = True,
+    replicas: dict[str, Any] | None = None,
+    routing: str = "prefix_affinity",
+    **engine: Any,
+) -> str:
+    """`replicas`: the LLM server's deployment options (autoscaling); `engine`: engine fields."""
     from ray import serve
 
     from deployments.app import bind_app
@@ -92,8 +102,10 @@ def deploy(name: str, base: str, tier: bool, host_tier: bool = True, **engine: A
         engine=settings,
         cache={"enabled": False},
         kv_tier={"enabled": tier, **({} if host_tier else {"host_memory_mb": 0})},
+        routing=routing,
     )
-    serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 2}}), name=name, route_prefix=f"/{name}")
+    options = {"ray_actor_options": {"num_cpus": 2}, **(replicas or {})}
+    serve.run(bind_app(config, options), name=name, route_prefix=f"/{name}")
     url = f"{base}/{name}"
     asyncio.run(ttfts(url, [ids(99, 32)]))  # the first request pays one-time costs
     return url
@@ -266,60 +278,6 @@ def cost(base: str, quick: bool) -> dict[str, Any]:
     }
 
 
-def directory(chunks: int = 100_000) -> dict[str, Any]:
-    """The store's index: bytes per chunk held (and per prefix seen once), a lookup's cost in
-    the store, and a lookup's round trip from another process (a Ray actor call)."""
-    import tempfile
-
-    import ray
-
-    from parallel.kv_tier.store import KVStore
-
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
-        store = KVStore(os.path.join(tmp, "s"), budget_bytes=2**62)
-        keys = [os.urandom(32) for _ in range(chunks)]
-        parts = os.path.join(tmp, "s", "p.r{rank}.part")
-        tracemalloc.start()
-        start = tracemalloc.take_snapshot()
-        for key in keys:
-            Path(parts.replace("{rank}", "0")).write_bytes(b"x")
-            store.commit(key, parts, ["0" * 32], [1])
-        held = tracemalloc.take_snapshot()
-        seen_keys = [os.urandom(32) for _ in range(chunks)]
-        for i in range(0, chunks, 12):
-            store.lookup(seen_keys[i : i + 12])
-        seen = tracemalloc.take_snapshot()
-        tracemalloc.stop()
-        per_chunk = sum(s.size_diff for s in held.compare_to(start, "filename")) / chunks
-        per_seen = sum(s.size_diff for s in seen.compare_to(held, "filename")) / chunks
-        prompt_keys = keys[:12]
-        t0 = time.perf_counter()
-        for _ in range(10_000):
-            store.lookup(prompt_keys)
-        in_store_s = (time.perf_counter() - t0) / 10_000
-    actor_dir = tempfile.mkdtemp(prefix="shardserve-kv-bench-")
-    actor = ray.remote(KVStore).options(num_cpus=0).remote(actor_dir, 2**30)
-    ray.get(actor.lookup.remote(prompt_keys))
-    t0 = time.perf_counter()
-    for _ in range(500):
-        ray.get(actor.lookup.remote(prompt_keys))
-    round_trip_s = (time.perf_counter() - t0) / 500
-    ray.kill(actor)
-    shutil.rmtree(actor_dir, ignore_errors=True)
-    blocks = 1_000 * 1_000_000
-    return {
-        "bytes_per_chunk": per_chunk,
-        "bytes_per_seen_key": per_seen,
-        "lookup_12_chunks_in_store_us": in_store_s * 1e6,
-        "lookup_round_trip_ms": round_trip_s * 1000,
-        "at_1000_replicas_1m_blocks_each": {
-            "chunks": blocks // 8,
-            "index_gib": blocks // 8 * per_chunk / 2**30,
-            "kv_tib": blocks * BLOCK_BYTES / 2**40,
-        },
-    }
-
-
 def _replaced(app: str, victim: int) -> bool:
     try:
         if replica_pid(app) == victim:
@@ -366,6 +324,16 @@ def main() -> None:
         if "restart" in args.scenarios:
             log("restart")
             report["restart"] = restart(_base, 2 if args.quick else 4)
+        if "scale_up" in args.scenarios:
+            from bench.kv_scale_up import scale_up
+
+            report["scale_up"] = {}
+            variants = (("on", True, "prefix_affinity"), ("off", False, "prefix_affinity"), ("off", False, "power_of_two"))
+            for label, tier, routing in variants:
+                variant = f"{label}, {routing}"
+                log(f"scale-up, tier {variant}")
+                runs = 12 if args.quick else 24
+                report["scale_up"][variant] = scale_up(_base, tier, routing, clients=8, new_requests=runs)
         if "working_set" in args.scenarios:
             for tiers in ("off", "cluster", "both"):
                 log(f"working set: shardserve, tiers {tiers}")
@@ -376,6 +344,8 @@ def main() -> None:
             report["cost"] = cost(_base, args.quick)
         if "directory" in args.scenarios:
             log("directory")
+            from bench.kv_directory import directory
+
             report["directory"] = directory(10_000 if args.quick else 100_000)
     finally:
         serve.shutdown()
@@ -403,6 +373,22 @@ def render(report: dict[str, Any]) -> str:
             f"{r['restarted_over_cold']:.2f}x |",
             "",
         ]
+    if "scale_up" in report:
+        lines += [
+            "**Scale-up** (8 clients over 8 prefixes of 1,500 tokens seen before; Serve's autoscaler adds a replica; "
+            "each replica's TTFT from its histogram since the second one runs):",
+            "",
+            "| tier, router | new replica: requests, TTFT p50 (mean), tokens loaded | old replica: requests, TTFT p50 (mean) | "
+            "new / old p50 |",
+            "| --- | --- | --- | --- |",
+        ]
+        for tier, u in report["scale_up"].items():
+            n, o = u["new"], u["old"]
+            lines.append(
+                f"| {tier} | {n['requests']:.0f}, {ms(n['ttft_p50_s'])} ({ms(n['ttft_mean_s'])}), {n['tier_hit_tokens']:,.0f} "
+                f"| {o['requests']:.0f}, {ms(o['ttft_p50_s'])} ({ms(o['ttft_mean_s'])}) | {u['new_over_old_p50']:.2f}x |"
+            )
+        lines.append("")
     if "working_set" in report:
         w = report["working_set"]
         systems = [s for s in ("shardserve_tiers_both", "shardserve_tiers_cluster", "shardserve_tiers_off", "vllm_cpu") if s in w]
@@ -439,6 +425,17 @@ def render(report: dict[str, Any]) -> str:
             "nodes' stores (each node indexes only its own).",
             "",
         ]
+        if "router" in d:
+            r, far = d["router"], d["router"]["at_1000_replicas_1m_blocks_each"]
+            lines += [
+                f"**The router's directory:** a replica reports {r['report_bytes_per_entry']:.0f} bytes per text block it "
+                f"holds; a router keeps {r['router_bytes_per_entry']:.0f} bytes per entry once unpacked; a 24-block prompt "
+                f"matches against one replica's entries in {r['match_24_blocks_us']:.1f} us; a replica's report over "
+                f"{r['replica_report_prompts']:,} remembered prompts takes {r['replica_report_ms']:.1f} ms of its event loop. "
+                f"At 1,000 replicas with a million blocks each: {far['report_mib_per_replica']:.1f} MiB per replica per report, "
+                f"{far['router_gib']:.0f} GiB in every router, {far['match_per_request_ms']:.1f} ms of matching per request.",
+                "",
+            ]
     return "\n".join(lines)
 
 
