@@ -22,8 +22,10 @@ BLOCK_CHARS = 64
 """Characters per text block, for the router and the replicas alike (a chat turn's boundary is
 lost within one block)."""
 
-ROUTING_STATS_PERIOD_S = 1.0
-"""How often Serve asks each replica for its directory entries (`request_routing_stats_period_s`)."""
+ROUTING_STATS_PERIOD_S = 2.0
+"""How often Serve asks each replica for its directory entries (`request_routing_stats_period_s`):
+well inside the 5 s the router trusts what it sent; Serve's controller also sweeps its health
+checks at the shorter of this and the health-check period, so not shorter than needed."""
 
 ENTRY_BYTES = 8
 """Bytes of a key kept in a replica's directory entries (8: 1 in 2^64 per pair compared)."""
@@ -54,7 +56,7 @@ def request_hashes(request: GenerateRequest, block_chars: int) -> list[bytes]:
 
 def pack(hashes: Iterable[bytes]) -> bytes:
     """Directory entries as one compact blob (what a replica reports: no pickle of a set)."""
-    return b"".join(sorted({h[:ENTRY_BYTES] for h in hashes}))
+    return b"".join(sorted({h if len(h) == ENTRY_BYTES else h[:ENTRY_BYTES] for h in hashes}))
 
 
 def unpack(blob: bytes) -> frozenset[bytes]:

@@ -1,5 +1,5 @@
 """Prefix-aware routing: send a request to the LLM server replica that holds its prompt's prefix
-in its KV cache, or to one that can load it from its node's KV store, unless that is overloaded.
+in its KV cache, or to one that can load it from its KV store, unless that is overloaded.
 
 Ray Serve builds one request router per deployment handle (here: in each ingress replica) and
 asks it, for every request, which replicas to try. The router keys a prompt by chained hashes
@@ -8,18 +8,21 @@ before it), and looks them up in a directory of what each replica holds:
 
 - each replica's report (`LLMServer.record_routing_stats`, which Serve polls every
   `ROUTING_STATS_PERIOD_S` and hands to every router): the prefixes in its KV pool and host
-  tier, and those in its node's cluster-tier store, translated from its engine's token blocks
+  tier (or queued there in the last 30 s), those in the cluster-tier store it loads from, and
+  which store that is (its node and KV namespace), translated from its engine's token blocks
   (`deployments/replica/held_prefixes.py`). A prefix evicted from a replica leaves its report; a
-  replica that restarts or is added reports what it holds, and the prefixes its node's store
-  holds count for it at once;
-- what this router sent each replica in the last `sent_ttl_s` (a report is up to a period old,
-  so the next turn of a chat must not wait for one to follow its conversation).
+  replica that restarts or is added reports what it holds, and what its store holds, as
+  reported by the replicas that served those prefixes and still remember them, counts for it
+  at once;
+- what this router sent each replica in the last `sent_ttl_s` (a report is a period or two
+  old, so the next turn of a chat must not wait for one to follow its conversation).
 
 Policy (`choose`): the replica with the longest held prefix wins, unless another replica that can
-load about as much from its node's store has a queue shorter by more than `tier_threshold`
-(then that one: loading costs a fraction of computing), or it is overloaded (its queue longer
-than the shortest by more than `imbalanced_threshold`: then load alone decides). With no replica
-holding the prefix, replicas whose stores hold it are preferred, the shortest queue first.
+load about as much from its store has a queue shorter by more than `tier_threshold` (then that
+one: loading costs a fraction of computing), or it is overloaded (its queue longer than the
+shortest by more than `imbalanced_threshold`: then load alone decides). With no replica holding
+the prefix, replicas whose store holds it are preferred, the shortest queue first, unless they
+are overloaded too.
 
 No blocking call on the routing path: reports arrive with Serve's replica updates.
 """
@@ -87,26 +90,44 @@ def leading(hashes: list[bytes], held: Callable[[bytes], bool]) -> int:
     return n
 
 
+Entries = tuple[frozenset[bytes], frozenset[bytes], str | None]
+"""What a replica holds, what the store it loads from holds, and which store that is."""
+
+
 class Reports:
     """The replicas' directory entries, unpacked once per report."""
 
     def __init__(self) -> None:
-        self._unpacked: dict[Any, tuple[bytes, bytes, frozenset[bytes], frozenset[bytes]]] = {}
+        self._unpacked: dict[Any, tuple[dict[str, Any], frozenset[bytes], frozenset[bytes]]] = {}
 
-    def entries(self, replica: RunningReplica) -> tuple[frozenset[bytes], frozenset[bytes]]:
-        """(pool, tier): what the replica holds, and what its node's store holds."""
+    def entries(self, replica: RunningReplica) -> Entries:
+        """(pool, store, store name): what the replica holds, what the store it loads from
+        holds, and which store that is (None: it loads from none)."""
         stats = replica.routing_stats or {}
-        pool, tier = stats.get("kv_pool", b""), stats.get("kv_tier", b"")
         known = self._unpacked.get(replica.replica_id)
-        if known is None or known[0] != pool or known[1] != tier:
-            known = (pool, tier, unpack(pool), unpack(tier))
+        if known is None or known[0] is not stats:
+            known = (stats, unpack(stats.get("kv_pool", b"")), unpack(stats.get("kv_tier", b"")))
             self._unpacked[replica.replica_id] = known
-        return known[2], known[3]
+        return known[1], known[2], stats.get("kv_store")
 
     def keep_only(self, replicas: Iterable[Any]) -> None:
         keep = set(replicas)
         for replica in [r for r in self._unpacked if r not in keep]:
             del self._unpacked[replica]
+
+
+def matches(
+    entries: dict[Any, Entries], hashes: list[bytes], sent: Callable[[Any, bytes], bool]
+) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Each replica's matched blocks in its own KV (reported, or `sent` it lately) and in the
+    store it loads from (what any replica that loads from that store reported of it)."""
+    stores: dict[str, list[frozenset[bytes]]] = {}
+    for _, held_there, store in entries.values():
+        if store is not None:
+            stores.setdefault(store, []).append(held_there)
+    in_store = {store: leading(hashes, lambda e, s=sets: any(e in x for x in s)) for store, sets in stores.items()}
+    pool = {rid: leading(hashes, lambda e, rid=rid: e in entries[rid][0] or sent(rid, e)) for rid in entries}
+    return pool, {rid: in_store[store] if store is not None else 0 for rid, (_, _, store) in entries.items()}
 
 
 def choose(
@@ -138,7 +159,10 @@ def choose(
             if known and best_queue - min(known) > imbalanced_threshold:
                 return None, "load"
         return [best], "pool"
-    loaders = [r for r, m in warm.items() if m >= min_match_blocks]
+    shortest = min(known) if known else 0
+    loaders = [
+        r for r, m in warm.items() if m >= min_match_blocks and (queue_lens.get(r) or 0) - shortest <= imbalanced_threshold
+    ]
     if loaders:
         return sorted(loaders, key=lambda r: queue_lens.get(r) or 0), "tier"
     return None, "load"
@@ -185,19 +209,9 @@ class PrefixAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRout
         return [[by_id[r] for r in first], candidate_replicas]
 
     def _matches(self, replicas: list[RunningReplica], hashes: list[bytes]) -> tuple[dict[Any, int], dict[Any, int]]:
-        """Each replica's matched blocks in its own KV (reported, or sent lately) and in its
-        node's store (what any replica on that node reported of it)."""
         now = time.monotonic()
         entries = {r.replica_id: self._reports.entries(r) for r in replicas}
-        node_stores: dict[str, list[frozenset[bytes]]] = {}
-        for r in replicas:
-            node_stores.setdefault(r.node_id, []).append(entries[r.replica_id][1])
-        in_store = {node: leading(hashes, lambda e, s=stores: any(e in x for x in s)) for node, stores in node_stores.items()}
-        pool = {
-            r.replica_id: leading(hashes, lambda e, rid=r.replica_id: e in entries[rid][0] or self._sent.has(rid, e, now))
-            for r in replicas
-        }
-        return pool, {r.replica_id: in_store[r.node_id] for r in replicas}
+        return matches(entries, hashes, lambda rid, e: self._sent.has(rid, e, now))
 
     def _get_pending_request_matching_metadata(self, request_metadata: Any = None) -> PendingRequest | None:
         """A replica chosen for a request goes to that request while it still waits; else to

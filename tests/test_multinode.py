@@ -166,3 +166,64 @@ def test_deploy_tp2_on_two_nodes_and_redeploy_without_failures(two_nodes: dict[s
 
     wait_until(ray_serve_metrics, timeout_s=90, interval_s=2)
     run("serve", "shutdown", "-y", *address, timeout=120)
+
+
+PULL_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from parallel.kv_tier.node_store import NodeStore, store_name
+from parallel.kv_tier.store import STORE_NAMESPACE, digest
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+tmp = Path(sys.argv[2])
+head, worker = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: "worker_node" in n["Resources"])
+live = [head["NodeID"], worker["NodeID"]]
+stores = [
+    ray.remote(NodeStore).options(
+        name=store_name(n["NodeID"]), namespace=STORE_NAMESPACE, num_cpus=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+    ).remote(str(tmp / n["NodeID"][:8]), 2**30, live, n["NodeID"])
+    for n in (head, worker)
+]
+a, b = stores
+ray.get([s.directory.remote() for s in stores])
+keys = [bytes([i]) * 32 for i in range(3)]
+payloads = {}
+for i, key in enumerate(keys[:2]):
+    part = str(tmp / head["NodeID"][:8] / f"{key.hex()}.w.r{{rank}}.part")
+    files = [os.urandom(100_000 + i), os.urandom(200_000 + i)]
+    for r, data in enumerate(files):
+        Path(part.replace("{rank}", str(r))).write_bytes(data)
+    payloads[key] = files
+    assert ray.get(a.commit.remote(key, part, [digest(d) for d in files], [len(d) for d in files]))
+assert ray.get(b.lookup.remote(keys)).held == []
+deadline = time.monotonic() + 60
+while ray.get(b.held_run.remote(keys)) < 2:
+    assert time.monotonic() < deadline, "the worker node's store pulled nothing"
+    time.sleep(0.2)
+reply = ray.get(b.lookup.remote(keys))
+same = all(
+    Path(h.path.replace("{rank}", str(r))).read_bytes() == payloads[k][r]
+    for h, k in zip(reply.held, keys) for r in range(2)
+)
+from ray.util.state import list_actors
+where = [list_actors(filters=[("name", "=", store_name(n))])[0].node_id for n in live]
+print(json.dumps({"held": len(reply.held), "same": same, "pulled": ray.get(b.stats.remote()).pulled,
+                  "nodes": where, "live": live, "paths": [h.path for h in reply.held]}))
+for s in stores:
+    ray.kill(s)
+"""
+
+
+def test_a_node_store_pulls_chunks_from_the_other_nodes_store(two_nodes: dict[str, Any], tmp_path: Path) -> None:
+    """The cluster KV tier across two raylets: the worker node's store, asked for a prompt whose
+    chunks only the head node's store holds, pulls them over Ray (each rank's file as bytes,
+    checked against the digests the head's store recorded) into its own directory."""
+    out = run(sys.executable, "-c", PULL_SCRIPT, two_nodes["gcs"], str(tmp_path), timeout=180, PYTHONPATH=str(ROOT))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["held"] == 2 and result["pulled"] == 2 and result["same"], result
+    assert result["nodes"] == result["live"], result  # each store on its own node
+    worker_dir = str(tmp_path / result["live"][1][:8])
+    assert all(p.startswith(worker_dir) for p in result["paths"]), result

@@ -10,7 +10,7 @@ from deployments.engine.engine import chunks_of
 from deployments.engine.kv_keys import KVNamespace, block_keys
 from deployments.prefix_keys import BLOCK_CHARS, block_hashes, pack, prompt_text, request_hashes, unpack
 from deployments.replica.held_prefixes import HeldPrefixes
-from deployments.routing import SentPrefixes, choose, leading
+from deployments.routing import SentPrefixes, choose, leading, matches
 from deployments.types import ChatMessage, GenerateRequest
 from parallel.kv_tier.store import KVStore, part_path, rank_file
 
@@ -67,6 +67,22 @@ def test_choose_prefers_the_pool_then_a_less_loaded_replica_that_can_load_it_the
     assert pick({"a": 10, "b": 0}, {"a": 2, "b": 2}, {"a": 5, "b": 0}) == (["a"], "pool")  # store holds too little
     assert pick({"a": 0, "b": 0, "c": 0}, {"a": 6, "b": 6, "c": 0}, {"a": 4, "b": 1, "c": 0}) == (["b", "a"], "tier")
     assert pick({"a": 0}, {"a": 0}, {"a": 0}) == (None, "load")
+    assert pick({"a": 0, "b": 0}, {"a": 6, "b": 0}, {"a": 12, "b": 0}) == (None, "load")  # the loader is overloaded
+
+
+def test_a_store_counts_for_every_replica_that_loads_from_it_and_no_other() -> None:
+    h = block_hashes("s" * 64 * 4, 64)
+    e = {x[:8] for x in h}
+    entries = {
+        "old": (frozenset(e), frozenset(e), "node1/ns"),  # served the prefix, and saved it
+        "new": (frozenset(), frozenset(), "node1/ns"),  # just added on the same node
+        "other_ckpt": (frozenset(), frozenset(), "node1/ns2"),  # a rollout's replica: other keys
+        "no_tier": (frozenset(), frozenset(), None),  # ranks on other nodes: loads from no store
+        "far": (frozenset(), frozenset(), "node2/ns"),
+    }
+    pool, tier = matches(entries, h, lambda rid, x: rid == "far")
+    assert pool == {"old": 4, "new": 0, "other_ckpt": 0, "no_tier": 0, "far": 4}  # far: sent to it lately
+    assert tier == {"old": 4, "new": 4, "other_ckpt": 0, "no_tier": 0, "far": 0}
 
 
 def _cache_prompt(bm: BlockManager, tokens: list[int], salt: str | None = None) -> None:
@@ -81,7 +97,8 @@ def _report(held: HeldPrefixes, bm: BlockManager, store: KVStore | None = None) 
         return store.held_runs(runs)
 
     report = asyncio.run(held.report(bm.held_run, held_runs if store is not None else None))
-    return unpack(report["kv_pool"]), unpack(report["kv_tier"])
+    assert report.pop("kv_store", None) == held._store
+    return unpack(report.get("kv_pool", b"")), unpack(report.get("kv_tier", b""))
 
 
 def test_a_replica_reports_the_text_blocks_whose_kv_it_holds_until_they_are_evicted(tmp_path) -> None:
@@ -90,12 +107,11 @@ def test_a_replica_reports_the_text_blocks_whose_kv_it_holds_until_they_are_evic
     request = GenerateRequest(prompt="system prompt words " * 40)  # 800 characters: 12 text blocks
     tokens = list(range(1000, 1100))  # 100 tokens: 24 cacheable blocks
     keys = block_keys(ns.root(None), tokens[:96], bs)
-    held = HeldPrefixes(block_size=bs, chunk_blocks=4)
+    held = HeldPrefixes(block_size=bs, chunk_blocks=4, store="node/ns", pending_s=0.0)
     held.track_request(request, len(tokens), keys, chunks_of(keys, 4))
     text = request_hashes(request, BLOCK_CHARS)
     assert len(text) == 12 and len(held) == 1
 
-    assert _report(held, bm) == (frozenset(), frozenset())  # tracked, not computed yet
     _cache_prompt(bm, tokens)
     pool, tier = _report(held, bm)
     assert leading(text, pool.__contains__) == 12
@@ -124,7 +140,7 @@ def test_a_replica_reports_the_text_blocks_whose_kv_it_holds_until_they_are_evic
     # Once the store drops it too, the replica forgets the prompt.
     for key in chunks_of(keys, 4)[:3]:
         store.drop(key, ("c",))
-    held._prompts[text[-1]].tier_checked = -1.0  # due again
+    held._prompts[text[-1][:8]].tier_checked = -1.0  # due again
     assert _report(held, bm, store) == (frozenset(), frozenset()) and len(held) == 0
 
 
@@ -134,8 +150,10 @@ def test_tenants_report_apart_and_the_host_tier_counts_as_held() -> None:
     tokens = list(range(37))
     request = GenerateRequest(prompt="p" * 300, tenant="acme")
     keys = block_keys(ns.root("acme"), tokens[:36], bs)
-    held = HeldPrefixes(block_size=bs, chunk_blocks=4)
+    held = HeldPrefixes(block_size=bs, chunk_blocks=4, store=None)
     held.track_request(request, len(tokens), keys, [])
+    pool, _ = _report(held, bm)  # queued, not computed yet: reported, since it will be
+    assert leading(request_hashes(request, BLOCK_CHARS), pool.__contains__) == 4
     _cache_prompt(bm, tokens, salt="acme")
     _cache_prompt(bm, list(range(500, 536)))  # the pool is taken over; acme's blocks go to the host tier
     assert not any(k in bm._by_hash for k in keys)

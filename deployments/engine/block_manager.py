@@ -128,14 +128,18 @@ class BlockManager:
 
     def held_run(self, keys: list[BlockKey]) -> int:
         """About how many leading `keys` the pool or the host tier still holds, in O(log n)
-        lookups: a prefix outlives its tail (`free` releases tails first, LRU evicts them
-        first), so the held keys are taken to be a prefix. For the router's directory, which
-        may be wrong by a block; allocation always checks every key."""
+        lookups: a prefix mostly outlives its tail (`free` releases tails first, LRU evicts
+        them first), so the held keys are taken to be a prefix. Where they are not (a block
+        computed twice at once is kept once; the host tier may refuse a block) the answer can
+        be off by more than a block: it feeds the router's directory only, and allocation
+        always checks every key."""
 
         def held(i: int) -> bool:
             return keys[i] in self._by_hash or (self.host is not None and self.host.peek(keys[i]) is not None)
 
-        if not keys or held(len(keys) - 1):
+        if not keys or not held(0):
+            return 0
+        if held(len(keys) - 1):
             return len(keys)
         lo, hi = 0, len(keys) - 1  # keys[hi] is not held; find the first that is not
         while lo < hi:

@@ -86,7 +86,8 @@ class LLMServer:
         )
         self._held = None  # this replica's entries in the router's directory
         if args.routing == "prefix_affinity" and args.engine.enable_prefix_caching:
-            self._held = HeldPrefixes(self._info.block_size, args.kv_tier.chunk_blocks)
+            store = f"{ray.get_runtime_context().get_node_id()}/{namespace.root(None).hex()[:16]}" if self._tier else None
+            self._held = HeldPrefixes(self._info.block_size, args.kv_tier.chunk_blocks, store)
         self._constraints = ConstraintCompiler(self._tokenizer, self._info.vocab_size, self._info.eos_token_ids)
         parser = args.tool_call_parser
         self._tool_format = format_of(self._tokenizer.chat_template) if parser == "auto" else parser
