@@ -122,3 +122,34 @@ def test_grafana_dashboard_plots_only_exported_metrics() -> None:
     assert used and used <= exported_metric_names(), used - exported_metric_names()
     for needed in ("time_to_first_token_seconds", "kv_cache_usage_perc", "result_cache_hits_total", "num_replicas"):
         assert any(needed in name for name in used), needed
+
+
+def test_the_kubernetes_monitors_select_the_rayservices_pods_and_ports() -> None:
+    """cluster/monitoring.yaml scrapes the head's Serve proxy once (job shardserve, which the
+    alerts read) and every node's Ray exporter (job ray), by ports the RayService declares."""
+    service = load("rayservice.yaml")
+    monitors = {m["metadata"]["name"]: m for m in yaml.safe_load_all((CLUSTER / "monitoring.yaml").read_text())}
+    assert set(monitors) == {"shardserve-app", "shardserve-ray"}
+    cluster = service["spec"]["rayClusterConfig"]
+
+    def ports(template: dict[str, Any]) -> set[str]:
+        return {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+
+    head_ports = ports(cluster["headGroupSpec"]["template"])
+    for name, monitor in monitors.items():
+        assert monitor["kind"] == "PodMonitor" and monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert selector["ray.io/originated-from-cr-name"] == service["metadata"]["name"], name
+        [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+        jobs = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
+        assert endpoint["port"] in head_ports, name
+        if name == "shardserve-app":
+            assert selector["ray.io/node-type"] == "head" and endpoint["path"] == "/metrics" and jobs == ["shardserve"]
+        else:
+            assert "ray.io/node-type" not in selector and jobs == ["ray"]
+            for group in cluster["workerGroupSpecs"]:  # a port the pod does not name is not scraped
+                assert endpoint["port"] in ports(group["template"]), group["groupName"]
+                assert group["rayStartParams"]["metrics-export-port"] == cluster["headGroupSpec"]["rayStartParams"][
+                    "metrics-export-port"
+                ]
