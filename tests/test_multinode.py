@@ -180,19 +180,19 @@ ray.init(address=sys.argv[1], log_to_driver=False)
 tmp = Path(sys.argv[2])
 head, worker = sorted((n for n in ray.nodes() if n["Alive"]), key=lambda n: "worker_node" in n["Resources"])
 live = [head["NodeID"], worker["NodeID"]]
-stores = [
+stores = [  # the nodes' stores, under the names they find each other by (a replica may have started one)
     ray.remote(NodeStore).options(
-        name=store_name(n["NodeID"]), namespace=STORE_NAMESPACE, num_cpus=0,
+        name=store_name(n["NodeID"]), namespace=STORE_NAMESPACE, num_cpus=0, get_if_exists=True,
         scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
     ).remote(str(tmp / n["NodeID"][:8]), 2**30, live, n["NodeID"])
     for n in (head, worker)
 ]
 a, b = stores
-ray.get([s.directory.remote() for s in stores])
+dirs = [Path(d) for d in ray.get([s.directory.remote() for s in stores])]
 keys = [bytes([i]) * 32 for i in range(3)]
 payloads = {}
 for i, key in enumerate(keys[:2]):
-    part = str(tmp / head["NodeID"][:8] / f"{key.hex()}.w.r{{rank}}.part")
+    part = str(dirs[0] / f"{key.hex()}.w.r{{rank}}.part")
     files = [os.urandom(100_000 + i), os.urandom(200_000 + i)]
     for r, data in enumerate(files):
         Path(part.replace("{rank}", str(r))).write_bytes(data)
@@ -211,7 +211,7 @@ same = all(
 from ray.util.state import list_actors
 where = [list_actors(filters=[("name", "=", store_name(n))])[0].node_id for n in live]
 print(json.dumps({"held": len(reply.held), "same": same, "pulled": ray.get(b.stats.remote()).pulled,
-                  "nodes": where, "live": live, "paths": [h.path for h in reply.held]}))
+                  "nodes": where, "live": live, "paths": [h.path for h in reply.held], "dirs": [str(d) for d in dirs]}))
 for s in stores:
     ray.kill(s)
 """
@@ -223,7 +223,6 @@ def test_a_node_store_pulls_chunks_from_the_other_nodes_store(two_nodes: dict[st
     checked against the digests the head's store recorded) into its own directory."""
     out = run(sys.executable, "-c", PULL_SCRIPT, two_nodes["gcs"], str(tmp_path), timeout=180, PYTHONPATH=str(ROOT))
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["held"] == 2 and result["pulled"] == 2 and result["same"], result
+    assert result["held"] == 2 and result["pulled"] >= 2 and result["same"], result
     assert result["nodes"] == result["live"], result  # each store on its own node
-    worker_dir = str(tmp_path / result["live"][1][:8])
-    assert all(p.startswith(worker_dir) for p in result["paths"]), result
+    assert all(p.startswith(result["dirs"][1]) for p in result["paths"]), result  # the worker's own copies
